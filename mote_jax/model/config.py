@@ -1,0 +1,93 @@
+"""Static configuration of a MoTE encoder (hashable, so it can be a static jit argument)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+TowerMode = Literal["siamese", "separated", "mote"]
+Expert = Literal["query", "passage"]
+EXPERTS: tuple[str, ...] = ("query", "passage")
+POOLINGS = ("cls", "mean")
+TOWER_MODES = ("siamese", "separated", "mote")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoteConfig:
+  """Shape and behaviour of a BERT-shaped encoder with textual experts.
+
+  The architecture fields mirror HF `BertConfig` so that BERT checkpoints load exactly.
+  `dtype` is the compute dtype and `param_dtype` the storage dtype of parameters; both are
+  given as strings ("float32", "bfloat16") so the config stays hashable and gin-friendly.
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+
+  tower_mode: TowerMode = "mote"
+  pooling: str = "cls"
+  normalize: bool = False
+
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.tower_mode not in TOWER_MODES:
+      raise ValueError(f"MoteConfig.tower_mode={self.tower_mode!r}: expected one of {TOWER_MODES}")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"MoteConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"MoteConfig.{name}={getattr(self, name)!r}: expected one of {tuple(_DTYPES)}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"MoteConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def num_experts(self) -> int:
+    """Experts per tower: two in `mote`, one otherwise (separated has one tower per type)."""
+    return 2 if self.tower_mode == "mote" else 1
+
+  @property
+  def tower_names(self) -> tuple[str, ...]:
+    return ("query_tower", "passage_tower") if self.tower_mode == "separated" else ("tower",)
+
+  def route(self, expert: str) -> tuple[str, int]:
+    """Maps a text type to (tower name, expert index within that tower)."""
+    if expert not in EXPERTS:
+      raise ValueError(f"expert={expert!r}: expected one of {EXPERTS}")
+    if self.tower_mode == "separated":
+      return f"{expert}_tower", 0
+    if self.tower_mode == "mote":
+      return "tower", EXPERTS.index(expert)
+    return "tower", 0
+
+  def replace(self, **changes) -> "MoteConfig":
+    return dataclasses.replace(self, **changes)
