@@ -171,18 +171,20 @@ class Partitioner:
     names = (spec,) if isinstance(spec, str) else tuple(spec or ())
     return math.prod(self.mesh.shape[name] for name in names)
 
-  def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global jax.Arrays (rows of all processes, in process order)."""
-    out = {}
-    for key, value in local_batch.items():
+  def global_batch(self, local_batch: Any) -> Any:
+    """This process's rows of a batch (a pytree of [rows, ...] arrays) -> global jax.Arrays.
+
+    The global array holds the rows of all processes in process order; every process passes the same number.
+    """
+    def to_global(path, value):
       value = np.asarray(value)
-      if value.shape[0] * jax.process_count() % self.data_parallel_size:
-        raise ValueError(f"batch field {key!r}: global batch {value.shape[0] * jax.process_count()} is not "
-                         f"divisible by the data-parallel size {self.data_parallel_size}")
-      sharding = self.batch_sharding(value.ndim)
-      global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-      out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+      rows = value.shape[0] * jax.process_count()
+      if rows % self.data_parallel_size:
+        raise ValueError(f"batch field {jax.tree_util.keystr(path)}: global batch {rows} is not divisible by the "
+                         f"data-parallel size {self.data_parallel_size}")
+      return jax.make_array_from_process_local_data(self.batch_sharding(value.ndim), value,
+                                                    (rows,) + value.shape[1:])
+    return jax.tree_util.tree_map_with_path(to_global, local_batch)
 
   # --- tracing ----------------------------------------------------------------------------------------------
   @contextlib.contextmanager

@@ -56,7 +56,7 @@ class Tower(nn.Module):
     return self.encoder(x, attention_bias(attention_mask), expert_index, deterministic)
 
   def mlm_logits(self, hidden):
-    """[..., H] -> [..., V]."""
+    """[..., H] -> [..., V] float32 logits."""
     return self.mlm_head(hidden, self.embeddings.word_embedding_matrix())
 
   def embed_tokens(self, input_ids, token_type_ids, deterministic: bool):
@@ -100,7 +100,7 @@ class MoteEncoder(nn.Module):
     return l2_normalize(pooled) if self.config.normalize else pooled
 
   def mlm_logits(self, hidden, *, expert: str):
-    """MLM logits [..., V] from hidden states [..., H] through the head of `expert`'s tower."""
+    """MLM logits [..., V] (float32) from hidden states [..., H] through the head of `expert`'s tower."""
     tower, _ = self._route(expert)
     return tower.mlm_logits(hidden)
 

@@ -197,7 +197,11 @@ class MLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, word_embeddings):
-    """hidden: [..., H], word_embeddings: [V, H] (the tied decoder) -> logits [..., V] (compute dtype)."""
+    """hidden: [..., H], word_embeddings: [V, H] (the tied decoder) -> logits [..., V] (float32).
+
+    Logits are accumulated and returned in float32 whatever the compute dtype: the softmax over the
+    vocabulary is where bfloat16 rounding would hurt the loss.
+    """
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
     # The transform is H x H; 'mlp' on the output side lets model parallelism shard it like an FFN.
@@ -207,4 +211,5 @@ class MLMHead(nn.Module):
     x = LayerNorm(cfg, name="transform_layer_norm")(jax.nn.gelu(x, approximate=False))
     bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                       cfg.storage_dtype)
-    return jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T) + bias.astype(cfg.compute_dtype)
+    logits = jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T, preferred_element_type=jnp.float32)
+    return logits + bias.astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Optimizer, train loop, checkpoints and metrics; generic over the objective."""

@@ -1,0 +1,58 @@
+"""Orbax checkpoints of the train state: async saves, keep-N, interval, restore of the latest.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash (even `kill -9`) during
+a save leaves the previous checkpoints restorable; leftovers are cleaned up on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """Saves and restores one pytree (the train state) under `directory/<step>`."""
+
+  def __init__(self, directory: str | Path, *, save_every: int, keep: int | None = 3, async_save: bool = True):
+    self.directory = Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+
+  @property
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
+    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if saved:
+      log.info("checkpoint of step %d %s", step, "started" if self._manager._options.enable_async_checkpointing
+               else "written")
+    return saved
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Restores `step` (default: latest) into arrays with the shardings of `abstract_state`."""
+    step = self.latest_step if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,250 @@
+"""The training loop: one jitted, sharded, donated step; metrics; checkpoints; resume; SIGTERM; NaN guard.
+
+The trainer is generic over the objective: it takes `loss_fn(params, batch, rng, deterministic) -> (loss,
+metrics)` and a deterministic batch stream `train_batches(start_step) -> iterator of host numpy dicts`, so a
+resumed run continues the exact stream from the restored step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mote_jax.partitioning import Partitioner
+from mote_jax.training.checkpointing import Checkpointer
+from mote_jax.training.metrics import MetricsWriter
+from mote_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  num_steps: int = 1000
+  grad_accumulation_steps: int = 1  # micro-batches per step, accumulated inside the jitted step
+  log_every: int = 10
+  eval_every: int = 100  # 0: never
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  max_consecutive_nonfinite: int = 10
+  peak_flops_per_device: float = 0.0  # for model FLOPs utilisation; 0 = not reported
+  seed: int = 0
+  progress_bar: bool = True
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # batches consumed, skipped ones included: the position in the data stream
+  params: Any
+  opt_state: Any
+  nonfinite: jax.Array  # steps skipped for a non-finite loss or gradient, in total
+  consecutive_nonfinite: jax.Array
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class Trainer:
+  """Builds the jitted step for a loss and runs the loop; stateless apart from its configuration."""
+
+  def __init__(self, config: TrainerConfig, optimizer_config: OptimizerConfig, partitioner: Partitioner,
+               loss_fn: LossFn, model_dir: str | Path, param_shardings: Any, expert_axes: Any = None,
+               flops_per_step: float | None = None, eval_loss_fn: LossFn | None = None):
+    """`eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other fields or streams."""
+    self.config = config
+    self.partitioner = partitioner
+    self.loss_fn = loss_fn
+    self.eval_loss_fn = eval_loss_fn or loss_fn
+    self.model_dir = Path(model_dir)
+    self.param_shardings = param_shardings
+    self.flops_per_step = flops_per_step
+    self.optimizer = make_optimizer(optimizer_config, param_shardings, expert_axes)  # the mask needs paths only
+    self.schedule = learning_rate_schedule(optimizer_config)
+    self._replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+    self._step_fn = None
+    self._eval_fn = None
+
+  # --- state ------------------------------------------------------------------------------------------------
+  def state_shardings(self, abstract_state: TrainState) -> TrainState:
+    opt_shardings = optax.tree_utils.tree_map_params(
+        self.optimizer, lambda _, s: s, abstract_state.opt_state, self.param_shardings,
+        transform_non_params=lambda _: self._replicated)
+    r = self._replicated
+    return TrainState(step=r, params=self.param_shardings, opt_state=opt_shardings, nonfinite=r,
+                      consecutive_nonfinite=r)
+
+  def _new_state(self, params) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=self.optimizer.init(params), nonfinite=zero,
+                      consecutive_nonfinite=zero)
+
+  def init_state(self, params) -> TrainState:
+    """A fresh state around (sharded) `params`; the optimizer state is created with matching shardings."""
+    abstract = jax.eval_shape(self._new_state, params)
+    return jax.jit(self._new_state, out_shardings=self.state_shardings(abstract))(params)
+
+  def restore_or_init(self, checkpointer: Checkpointer, init_params: Callable[[], Any],
+                      abstract_params: Any) -> TrainState:
+    """The latest checkpoint if there is one (resume), else a fresh state from `init_params()`.
+
+    `abstract_params` (ShapeDtypeStructs) shapes the restore target, so a resume never runs `init_params`.
+    """
+    if checkpointer.latest_step is None:
+      return self.init_state(init_params())
+    abstract = jax.eval_shape(self._new_state, abstract_params)
+    shardings = self.state_shardings(abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state = checkpointer.restore(abstract)
+    log.info("resumed from %s/%d", checkpointer.directory, int(state.step))
+    return state
+
+  # --- steps ------------------------------------------------------------------------------------------------
+  def _loss_and_grads(self, params, batch, rng):
+    grad_fn = jax.value_and_grad(lambda p, b, r: self.loss_fn(p, b, r, False), has_aux=True)
+    k = self.config.grad_accumulation_steps
+    if k == 1:
+      return grad_fn(params, batch, rng)
+    # Strided micro-batches (row i goes to micro-batch i % k) keep every device's rows on that device.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, inputs):
+      index, mb = inputs
+      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    first = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (first[0][0], first[0][1], first[1]))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    return (loss / k, jax.tree.map(lambda m: m / k, metrics)), jax.tree.map(lambda g: g / k, grads)
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
+    (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite step is skipped: params and optimizer state stay, the data stream moves on.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    skipped = (~finite).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        nonfinite=state.nonfinite + skipped, consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped)
+    applied_updates = state.step - state.nonfinite  # the optimizer's own count: skipped steps do not count
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                   learning_rate=self.schedule(applied_updates))
+    return new_state, metrics
+
+  def _eval_step(self, params, batch):
+    loss, metrics = self.eval_loss_fn(params, batch, None, True)
+    return dict(metrics, loss=loss)
+
+  def compile_step(self, state: TrainState):
+    if self._step_fn is None:
+      shardings = self.state_shardings(state)
+      self._step_fn = self.partitioner.jit(self._train_step, in_shardings=(shardings, None),
+                                           out_shardings=(shardings, self._replicated), donate_argnums=(0,))
+      self._eval_fn = self.partitioner.jit(self._eval_step, in_shardings=(self.param_shardings, None),
+                                           out_shardings=self._replicated)
+    return self._step_fn
+
+  def evaluate(self, params, batches: Iterable[Batch]) -> dict[str, float]:
+    """Mean of each metric over `batches` (dropout off)."""
+    totals, n = {}, 0
+    for batch in batches:
+      metrics = jax.device_get(self._eval_fn(params, self.partitioner.global_batch(batch)))
+      for k, v in metrics.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      n += 1
+    return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
+
+  # --- loop -------------------------------------------------------------------------------------------------
+  def train(self, state: TrainState, train_batches: Callable[[int], Iterator[Batch]],
+            checkpointer: Checkpointer, eval_batches: Callable[[], Iterable[Batch]] | None = None) -> TrainState:
+    cfg = self.config
+    start = int(jax.device_get(state.step))
+    step_fn = self.compile_step(state)
+    writer = MetricsWriter(self.model_dir, cfg.num_steps, start, progress=cfg.progress_bar)
+    stop = {"signal": None}
+    batches = train_batches(start)
+    window = dict(start=time.perf_counter(), steps=0, tokens=0)
+    pending = None  # (step, metrics) of the last log step, fetched after the next dispatch
+    with _sigterm_sets(stop):
+      try:
+        if start == 0 and eval_batches is not None and cfg.eval_every:
+          writer.write(0, self.evaluate(state.params, eval_batches()))
+        for step in range(start, cfg.num_steps):
+          host_batch = next(batches)
+          window["tokens"] += _count_tokens(host_batch)
+          state, metrics = step_fn(state, self.partitioner.global_batch(host_batch))
+          window["steps"] += 1
+          done = step + 1
+          if int(jax.device_get(state.consecutive_nonfinite)) >= cfg.max_consecutive_nonfinite:
+            checkpointer.wait()
+            raise NonFiniteLossError(
+                f"{cfg.max_consecutive_nonfinite} consecutive non-finite steps (last at step {done}); the last "
+                f"good checkpoint is step {checkpointer.latest_step} in {checkpointer.directory}")
+          if done % cfg.log_every == 0 or done == cfg.num_steps:
+            writer.write(done, self._throughput(jax.device_get(metrics), window, state))
+            window = dict(start=time.perf_counter(), steps=0, tokens=0)
+          if eval_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+            writer.write(done, self.evaluate(state.params, eval_batches()))
+          checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stop["signal"] is not None)
+          writer.advance(done)
+          if stop["signal"] is not None:
+            log.warning("signal %s: saved a checkpoint at step %d, exiting", stop["signal"], done)
+            break
+      finally:
+        checkpointer.wait()
+        writer.close()
+    return state
+
+  def _throughput(self, metrics: dict, window: dict, state: TrainState) -> dict[str, float]:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    out = {k: float(v) for k, v in metrics.items()}
+    out["steps_per_sec"] = window["steps"] / elapsed
+    out["tokens_per_sec"] = window["tokens"] / elapsed
+    out["nonfinite_steps"] = float(jax.device_get(state.nonfinite))
+    if self.flops_per_step and self.config.peak_flops_per_device:
+      peak = self.config.peak_flops_per_device * jax.device_count()
+      out["mfu"] = self.flops_per_step * out["steps_per_sec"] / peak
+    return out
+
+
+def _count_tokens(batch) -> int:
+  """Non-padding tokens of a (nested) host batch: the sum of every `*attention_mask` field."""
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  return int(sum(np.asarray(v).sum() for path, v in leaves
+                 if str(getattr(path[-1], "key", "")).endswith("attention_mask")))
+
+
+@contextlib.contextmanager
+def _sigterm_sets(flag: dict):
+  """While active, SIGTERM sets flag['signal'] instead of killing: the loop saves a checkpoint and stops."""
+  def handler(signum, _frame):
+    flag["signal"] = signal.Signals(signum).name
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: leave signals alone
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,165 @@
+"""Trainer mechanics on a small regression problem: schedule, decay mask, expert freezing, accumulation,
+non-finite steps, checkpoints and resume."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from mote_jax.partitioning import MeshConfig, Partitioner
+from mote_jax.training.checkpointing import Checkpointer
+from mote_jax.training.optimizer import (OptimizerConfig, decay_mask, expert_axes, learning_rate_schedule,
+                                         make_optimizer)
+from mote_jax.training.trainer import NonFiniteLossError, Trainer, TrainerConfig
+
+
+class Regressor(nn.Module):
+  """y = LayerNorm(x) @ W_e + b_e with an expert axis, like the MoTE FFN."""
+
+  @nn.compact
+  def __call__(self, x, expert: int):
+    w = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.5), ("expert", "embed", "mlp")),
+                   (2, 8, 4))
+    b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert", "mlp")), (2, 4))
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (8,))
+    return (x * scale) @ w[expert] + b[expert]
+
+
+def _init(rng):
+  return Regressor().init(rng, jnp.ones((1, 8)), 1)["params"]
+
+
+def _loss(params, batch, rng, deterministic, expert=1):
+  pred = Regressor().apply({"params": params}, batch["x"], expert)
+  loss = jnp.mean((pred - batch["y"]) ** 2) * batch["scale"].mean()
+  return loss, {"mse": loss}
+
+
+def _batches(start, seed=0, batch_size=16):
+  step = start
+  while True:
+    rng = np.random.default_rng([seed, step])
+    x = rng.standard_normal((batch_size, 8)).astype(np.float32)
+    scale = np.full((batch_size,), np.nan if step in _batches.poison else 1.0, np.float32)
+    yield {"x": x, "y": x[:, :4] * 2.0, "scale": scale, "attention_mask": np.ones((batch_size, 3), np.int32)}
+    step += 1
+
+
+_batches.poison = set()
+
+
+def _trainer(tmp_path, num_steps=6, partitioner=None, **overrides):
+  partitioner = partitioner or Partitioner.create(MeshConfig(data=8))
+  params, shardings = partitioner.init(_init, jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(_init, jax.random.PRNGKey(0))
+  config = TrainerConfig(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=2,
+                         async_checkpointing=False, progress_bar=False, **overrides)
+  trainer = Trainer(config, OptimizerConfig(learning_rate=0.05, warmup_steps=2, total_steps=num_steps),
+                    partitioner, _loss, tmp_path, shardings, expert_axes(boxed))
+  return trainer, params
+
+
+def test_schedule_is_linear_warmup_then_linear_decay():
+  schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110))
+  assert [float(schedule(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0], abs=1e-9)
+
+
+def test_decay_mask_spares_biases_and_layer_norms():
+  params = {"dense": {"kernel": 1, "bias": 1}, "layer_norm": {"scale": 1, "bias": 1},
+            "ffn": {"intermediate_kernel": 1, "intermediate_bias": 1, "layer_norm_scale": 1, "layer_norm_bias": 1}}
+  assert decay_mask(params) == {
+      "dense": {"kernel": True, "bias": False}, "layer_norm": {"scale": False, "bias": False},
+      "ffn": {"intermediate_kernel": True, "intermediate_bias": False, "layer_norm_scale": False,
+              "layer_norm_bias": False}}
+
+
+def test_adamw_matches_torch_and_leaves_unrouted_expert_alone():
+  """Three AdamW steps on expert 1 only: expert 1 follows torch.optim.AdamW, expert 0 does not move at all
+  (torch skips a parameter whose .grad is None: no weight decay either)."""
+  boxed = _init(jax.random.PRNGKey(0))
+  params = nn.unbox(boxed)
+  config = OptimizerConfig(learning_rate=0.01, warmup_steps=0, total_steps=1000, end_learning_rate=0.01,
+                           weight_decay=0.1, max_grad_norm=None)
+  tx = make_optimizer(config, params, expert_axes(boxed))
+  state = tx.init(params)
+  torch_w = torch.nn.Parameter(torch.tensor(np.asarray(params["kernel"][1])))
+  torch_opt = torch.optim.AdamW([torch_w], lr=0.01, weight_decay=0.1, eps=1e-8)
+  batch = next(_batches(0))
+  for _ in range(3):
+    grads = jax.grad(lambda p: _loss(p, batch, None, True)[0])(params)
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["kernel"][0], params["kernel"][0])
+    torch_w.grad = torch.tensor(np.asarray(grads["kernel"][1]))
+    torch_opt.step()
+    np.testing.assert_allclose(new["kernel"][1], torch_w.detach().numpy(), atol=1e-6)
+    params = new
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+  full, params = _trainer(tmp_path / "a")
+  accumulated, _ = _trainer(tmp_path / "b", grad_accumulation_steps=4)
+  batch = next(_batches(0))
+  (loss_full, _), grads_full = full._loss_and_grads(params, batch, jax.random.PRNGKey(0))
+  (loss_acc, _), grads_acc = accumulated._loss_and_grads(params, batch, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(loss_acc, loss_full, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), grads_acc, grads_full)
+
+
+def test_resume_continues_exactly(tmp_path):
+  trainer, params = _trainer(tmp_path / "straight")
+  straight = trainer.train(trainer.init_state(params), _batches, Checkpointer(tmp_path / "straight" / "ckpt",
+                                                                               save_every=2))
+  # A crash while fetching the batch of step 5 (after step 4's checkpoint); then a new trainer resumes.
+  def crashing(start):
+    for step, batch in enumerate(_batches(start), start):
+      if step == 4:
+        raise KeyboardInterrupt("crash")
+      yield batch
+
+  trainer, params = _trainer(tmp_path / "resumed")
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(trainer.init_state(params), crashing, Checkpointer(tmp_path / "resumed" / "ckpt", save_every=2))
+  trainer, params = _trainer(tmp_path / "resumed")
+  checkpointer = Checkpointer(tmp_path / "resumed" / "ckpt", save_every=2)
+  abstract = jax.eval_shape(lambda: nn.unbox(_init(jax.random.PRNGKey(0))))
+  state = trainer.restore_or_init(checkpointer, lambda: params, abstract)
+  assert int(state.step) == 4
+  resumed = trainer.train(state, _batches, checkpointer)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
+  assert checkpointer.all_steps() == [2, 4, 6]
+  records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert {"loss", "mse", "learning_rate", "grad_norm", "steps_per_sec", "tokens_per_sec"} <= records[-1].keys()
+  assert list((tmp_path / "resumed" / "tensorboard").iterdir())
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+  _batches.poison = {2}
+  try:
+    trainer, params = _trainer(tmp_path / "one", num_steps=4)
+    state = trainer.init_state(params)
+    state = trainer.train(state, _batches, Checkpointer(tmp_path / "one" / "ckpt", save_every=2))
+    assert int(state.nonfinite) == 1 and int(state.step) == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+    _batches.poison = {3, 4, 5}
+    trainer, params = _trainer(tmp_path / "many", num_steps=8, max_consecutive_nonfinite=3)
+    checkpointer = Checkpointer(tmp_path / "many" / "ckpt", save_every=2)
+    # Batches 3, 4, 5 are poisoned: steps 4, 5, 6 are skipped, and the run stops after step 6. The checkpoint
+    # of step 4 holds the (finite) params of step 3, since skipped steps leave the state as it was.
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive non-finite steps \(last at step 6\).*step 4"):
+      trainer.train(trainer.init_state(params), _batches, checkpointer)
+    assert checkpointer.latest_step == 4
+    abstract = jax.eval_shape(lambda: nn.unbox(_init(jax.random.PRNGKey(0))))
+    restored = trainer.restore_or_init(checkpointer, lambda: params, abstract)
+    assert int(restored.step) == 4 and int(restored.nonfinite) == 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+  finally:
+    _batches.poison = set()
