@@ -65,12 +65,16 @@ class Trainer:
 
   def __init__(self, config: TrainerConfig, optimizer_config: OptimizerConfig, partitioner: Partitioner,
                loss_fn: LossFn, model_dir: str | Path, param_shardings: Any, expert_axes: Any = None,
-               flops_per_step: float | None = None, eval_loss_fn: LossFn | None = None):
-    """`eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other fields or streams."""
+               flops_per_step: float | None = None, eval_loss_fn: LossFn | None = None,
+               loss_and_grads_fn: Callable | None = None):
+    """`eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other fields or streams.
+    `loss_and_grads_fn(params, batch, rng, deterministic) -> ((loss, metrics), grads)` replaces autodiff of
+    `loss_fn` where the objective computes its own gradients (GradCache)."""
     self.config = config
     self.partitioner = partitioner
     self.loss_fn = loss_fn
     self.eval_loss_fn = eval_loss_fn or loss_fn
+    self.loss_and_grads_fn = loss_and_grads_fn or jax.value_and_grad(loss_fn, has_aux=True)
     self.model_dir = Path(model_dir)
     self.param_shardings = param_shardings
     self.flops_per_step = flops_per_step
@@ -116,7 +120,7 @@ class Trainer:
 
   # --- steps ------------------------------------------------------------------------------------------------
   def _loss_and_grads(self, params, batch, rng):
-    grad_fn = jax.value_and_grad(lambda p, b, r: self.loss_fn(p, b, r, False), has_aux=True)
+    grad_fn = lambda p, b, r: self.loss_and_grads_fn(p, b, r, False)  # noqa: E731
     k = self.config.grad_accumulation_steps
     if k == 1:
       return grad_fn(params, batch, rng)
