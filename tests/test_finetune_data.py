@@ -1,0 +1,106 @@
+"""Fine-tuning data: Tevatron and BEIR(+BM25) groups, deterministic negative rotation, resume, host shards."""
+
+import json
+
+import ir_measures
+import numpy as np
+import pytest
+
+from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, Passage, SamplingConfig, TrainGroup,
+                                    beir_groups, bm25_run, tevatron_groups, write_negatives)
+from mote_jax.retrieval.beir import load_beir
+
+
+@pytest.fixture(scope="module")
+def scifact_train(data_dir):
+  return load_beir(data_dir / "scifact", "train")
+
+
+@pytest.fixture(scope="module")
+def scifact_bm25(scifact_train):
+  return bm25_run(scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries, k=100)
+
+
+def test_bm25_quality_on_scifact_test(data_dir):
+  """bm25s with the default k1/b reproduces BEIR's published BM25 (Elasticsearch) on SciFact test: 0.686."""
+  test = load_beir(data_dir / "scifact", "test")
+  run = bm25_run(test.corpus.ids, test.corpus.passages(), test.queries, k=100)
+  ndcg = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], test.qrels, run)[ir_measures.nDCG @ 10]
+  assert abs(ndcg - 0.686) <= 0.005, ndcg
+
+
+def test_beir_groups_drop_positives_from_negatives(scifact_train, scifact_bm25):
+  groups = beir_groups(scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries,
+                       scifact_train.qrels, scifact_bm25, num_negatives=30)
+  assert len(groups) == 809
+  for g in groups:
+    positives = {p.docid for p in g.positives}
+    assert positives == {d for d, r in scifact_train.qrels[g.query_id].items() if r > 0}
+    assert not positives & {p.docid for p in g.negatives}
+    assert len(g.negatives) == 30
+  # Negatives are BM25's ranking minus the positives, in order.
+  g = groups[0]
+  ranked = [d for d, _ in sorted(scifact_bm25[g.query_id].items(), key=lambda x: -x[1])
+            if d not in {p.docid for p in g.positives}]
+  assert [p.docid for p in g.negatives] == ranked[:30]
+
+
+def test_tevatron_round_trip_and_errors(tmp_path, scifact_train, scifact_bm25):
+  groups = beir_groups(scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries,
+                       scifact_train.qrels, scifact_bm25, num_negatives=5)[:20]
+  path = write_negatives(tmp_path / "train.jsonl", groups)
+  assert tevatron_groups(path) == groups
+  bad = tmp_path / "bad.jsonl"
+  lines = path.read_text().splitlines()
+  bad.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl:4: malformed JSON"):
+    tevatron_groups(bad)
+  record = json.loads(lines[0])
+  record["query"] = "  "
+  bad.write_text(json.dumps(record) + "\n")
+  with pytest.raises(ValueError, match=rf"bad\.jsonl:1: query '{record['query_id']}' is empty"):
+    tevatron_groups(bad)
+
+
+def _toy_groups(num=10, negatives=10):
+  return [TrainGroup(f"q{i}", f"query number {i}", (Passage(f"p{i}", f"positive passage {i}"),),
+                     tuple(Passage(f"n{i}_{j}", f"negative {j} of query {i}") for j in range(negatives)))
+          for i in range(num)]
+
+
+def test_negatives_rotate_through_the_whole_list(tokenizer):
+  stream = FinetuneStream(_toy_groups(), tokenizer, SamplingConfig(negatives=3, passage_max_len=16), seed=0)
+  seen = {}
+  for k in range(4 * len(stream)):  # four epochs: 12 draws of 10 negatives per query
+    query, passages = stream.example(k)
+    text = tokenizer.decode(query[1:-1])
+    seen.setdefault(text, []).extend(tokenizer.decode(p[1:-1]) for p in passages[1:])
+    assert tokenizer.decode(passages[0][1:-1]).startswith("positive passage")
+  for text, negatives in seen.items():
+    assert len(set(negatives[:9])) == 9  # no repeat before the list is used up
+    assert len(set(negatives)) == 10
+
+
+def test_resume_and_host_shards_are_exact(tokenizer):
+  stream = FinetuneStream(_toy_groups(13), tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=3)
+  full = FinetuneBatches(stream, batch_size=8)
+  batches = [next(full) for _ in range(6)]
+  resumed = next(FinetuneBatches(stream, batch_size=8, start_step=5))
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], batches[5][key])
+  shards = [next(FinetuneBatches(stream, batch_size=8, start_step=5, shard_index=h, num_shards=4))
+            for h in range(4)]
+  for key in resumed:
+    np.testing.assert_array_equal(np.concatenate([s[key] for s in shards]), resumed[key])
+  assert batches[0]["passage_input_ids"].shape == (8, 3, 16)
+  assert batches[0]["query_attention_mask"].sum(1).min() >= 3  # [CLS] query words [SEP]
+
+
+def test_seqio_task_yields_the_stream(tokenizer):
+  from mote_jax.data.finetune import register_finetune_task
+  stream = FinetuneStream(_toy_groups(5), tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=1)
+  task = register_finetune_task("finetune_toy_test", stream)
+  examples = list(task.get_dataset(sequence_length=None, split="train", shuffle=False).take(7).as_numpy_iterator())
+  expected = stream.batch(range(7))
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.stack([e[key] for e in examples]), value)
