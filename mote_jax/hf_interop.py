@@ -426,3 +426,39 @@ def load_mote_config(path: str | os.PathLike) -> MoteConfig:
 def tensor_names(config: MoteConfig, with_mlm_head: bool = False) -> Mapping[str, tuple[int, ...]]:
   """HF tensor names and shapes of one tower of `config` (for docs, tests and error messages)."""
   return {t.hf_name: t.hf_shape for t in _tower_tensors(config, with_mlm_head)}
+
+
+def from_hf_towers(path: str | os.PathLike, **overrides) -> tuple[MoteConfig, PyTree]:
+  """Reads a `to_hf` export (`path/{query,passage}` + mote_config.json) back into (MoteConfig, params).
+
+  In `mote` mode the shared parameters (embeddings, attention) must agree between the two towers; each tower's
+  FFN blocks become its expert. The MLM head is not exported, so a fresh one is initialised (logged).
+  """
+  path = Path(path)
+  config = load_mote_config(path).replace(**overrides)
+  towers = {}
+  for expert in EXPERTS:
+    _, tower = from_hf(path / expert, tower_mode="siamese",
+                       **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                          if f.name not in ("tower_mode",)})
+    towers[expert] = tower["tower"]
+  if config.tower_mode == "siamese":
+    return config, {"tower": towers["passage"]}
+  if config.tower_mode == "separated":
+    return config, {"query_tower": towers["query"], "passage_tower": towers["passage"]}
+  # mote: shared parameters from either tower (they must agree), experts stacked in EXPERTS order.
+  query, passage = towers["query"], towers["passage"]
+
+  expert_axis = 1 if config.scan_layers else 0  # scanned params carry the 'layers' axis first
+
+  def merge(keys, q, p):
+    if keys and keys[-1] == "ffn":
+      return {name: np.concatenate([q[name], p[name]], axis=expert_axis) for name in q}
+    if isinstance(q, dict):
+      return {name: merge(keys + (name,), q[name], p[name]) for name in q}
+    if keys and keys[0] != "mlm_head" and not np.array_equal(q, p):
+      raise CheckpointError(f"{path}: shared parameter {'/'.join(keys)} differs between the query and passage "
+                            "towers; this export is not of a `mote` model")
+    return p
+
+  return config, {"tower": merge((), query, passage)}

@@ -11,8 +11,9 @@ Multi-process runs (one process per host) pass --coordinator_address, --num_proc
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; on Cloud TPU `jax.distributed.initialize()` needs
 none of them (--distributed).
 
-The run's gin files bind `run.job` to a job function (see mote_jax/jobs); the operative config is written to
-MODEL_DIR/config.gin once the job has built everything it binds.
+The run's gin files bind `run.job` to a job function (see mote_jax/jobs); the parsed config is written to
+MODEL_DIR/config.gin before the job starts and the operative config (what the job used) to
+MODEL_DIR/operative_config.gin when it ends.
 """
 
 from __future__ import annotations
@@ -96,16 +97,46 @@ def parse_gin(flags: argparse.Namespace) -> None:
   gin.parse_config_files_and_bindings(files, flags.gin_bindings, finalize_config=True)
 
 
-def main(argv: list[str] | None = None):
-  flags = parse_flags(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=flags.log_level.upper(), stream=sys.stderr,
+class _GinLookupNoise(logging.Filter):
+  """gin logs every search-path miss of an include at ERROR level on the root logger; they are not errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not (record.name == "root" and (message.startswith("Path not found")
+                                           or message.startswith("system_path_file_exists")))
+
+
+def setup_logging(level: str) -> None:
+  logging.basicConfig(level=level.upper(), stream=sys.stderr,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_GinLookupNoise())
   for noisy in ("absl", "jax._src", "tensorflow", "h5py", "urllib3", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  """TF only feeds data (seqio); without this it would claim GPU memory that JAX needs."""
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+
+
+def main(argv: list[str] | None = None):
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  setup_logging(flags.log_level)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  keep_tensorflow_off_accelerators()
   initialize_distributed(flags)
   from mote_jax import jobs  # registers the gin configurables of every job
+  from mote_jax.training.trainer import TrainingInterrupted
   parse_gin(flags)
-  return jobs.run()
+  try:
+    return jobs.run()
+  except TrainingInterrupted as e:
+    # Preemption: the checkpoint is written; relaunching the same command resumes. 128 + SIGTERM, like a
+    # process the signal killed, so schedulers see the job as not finished.
+    logging.warning("%s; relaunch the same command to resume", e)
+    sys.exit(143)
 
 
 if __name__ == "__main__":

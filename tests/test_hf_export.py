@@ -111,3 +111,31 @@ def test_export_from_sharded_params(trained_mote, tmp_path):
   assert written.keys() == host.keys()
   for name in host:
     np.testing.assert_array_equal(written[name], host[name])
+
+
+@pytest.mark.parametrize("tower_mode", ["mote", "separated"])
+def test_from_hf_towers_reads_an_export_back(minilm_path, tmp_path, tower_mode):
+  config, params = from_hf(minilm_path, tower_mode=tower_mode, scan_layers=True)
+  last = config.tower_names[-1]
+  params[last]["encoder"]["layers"]["ffn"]["output_bias"][:, -1] += 0.5  # the passage side differs
+  to_hf(config, params, tmp_path / "export", tokenizer=None)
+  restored_config, restored = hf_interop.from_hf_towers(tmp_path / "export")
+  assert restored_config == config
+  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if "mlm_head" in jax.tree_util.keystr(path):
+      continue  # not exported
+    other = restored
+    for key in path:
+      other = other[key.key]
+    np.testing.assert_array_equal(other, value)
+
+
+def test_from_hf_towers_rejects_towers_that_do_not_share(trained_mote, tmp_path):
+  config, params = trained_mote
+  out = to_hf(config, params, tmp_path / "export", tokenizer=None)
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(out / "query" / "model.safetensors"))
+  tensors["encoder.layer.0.attention.self.query.bias"] += 1.0
+  save_file(tensors, str(out / "query" / "model.safetensors"))
+  with pytest.raises(hf_interop.CheckpointError, match="shared parameter .*query_bias differs"):
+    hf_interop.from_hf_towers(out)

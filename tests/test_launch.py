@@ -49,7 +49,7 @@ def test_import_job_end_to_end(tmp_path, data_dir):
   assert json.loads((model_dir / "hf" / "mote_config.json").read_text())["tower_mode"] == "mote"
   for tower in ("query", "passage"):
     assert (model_dir / "hf" / tower / "model.safetensors").exists()
-  operative = (model_dir / "config.gin").read_text()
+  operative = (model_dir / "operative_config.gin").read_text()
   assert "import_hf.tower_mode = 'mote'" in operative
 
 

@@ -1,4 +1,8 @@
-"""Run-level functions that gin binds. `run.job` names the job; each job is a gin configurable."""
+"""Run-level functions that gin binds. `run.job` names the job; each job is a gin configurable.
+
+This module is the one place that registers library classes and functions with gin, so deeper modules stay
+free of gin.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,35 @@ from pathlib import Path
 
 import gin
 
-from mote_jax.jobs import import_hf  # noqa: F401  (registers its configurables)
+from mote_jax import data
+from mote_jax.data.finetune import SamplingConfig
+from mote_jax.jobs import finetune, import_hf, pretrain  # noqa: F401  (registers their configurables)
+from mote_jax.model import MoteConfig
+from mote_jax.objectives import ObjectiveConfig
+from mote_jax.objectives.contrastive import ContrastiveConfig
 from mote_jax.partitioning import MeshConfig
+from mote_jax.retrieval.encode import EncodeOptions
+from mote_jax.retrieval.search import ScannConfig
+from mote_jax.training.optimizer import OptimizerConfig
+from mote_jax.training.trainer import TrainerConfig
 
-gin.external_configurable(MeshConfig, module="mote_jax")
+for _configurable in (MeshConfig, MoteConfig, ObjectiveConfig, OptimizerConfig, TrainerConfig, data.MaskingConfig,
+                      SamplingConfig, ContrastiveConfig, EncodeOptions, ScannConfig,
+                      data.register_beir_corpus_task, data.register_jsonl_task, data.register_text_file_task,
+                      data.register_tfds_task, data.register_query_pair_tasks):
+  gin.external_configurable(_configurable, module="mote_jax")
 
 log = logging.getLogger(__name__)
 
 
 @gin.configurable
 def run(job=gin.REQUIRED, model_dir: str = gin.REQUIRED):
-  """Runs `job(model_dir=...)` and writes the operative gin config to MODEL_DIR/config.gin."""
+  """Runs `job(model_dir=...)`; MODEL_DIR/config.gin gets the full config first, the operative one at the end."""
   import jax
   Path(model_dir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (Path(model_dir) / "config.gin").write_text(gin.config_str())
   result = job(model_dir=model_dir)
   if jax.process_index() == 0:
-    (Path(model_dir) / "config.gin").write_text(gin.operative_config_str())
+    (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
   return result

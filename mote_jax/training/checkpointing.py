@@ -21,9 +21,11 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, save_every: int, keep: int | None = 3, async_save: bool = True):
     self.directory = Path(directory)
+    self.save_every = save_every
+    self.async_save = async_save
+    # The save decision is ours (every `save_every` steps, or forced); orbax would also save the first step.
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True, create=True)
+        max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
 
   @property
@@ -35,10 +37,13 @@ class Checkpointer:
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether a save started."""
-    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if not force and step % self.save_every:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     if saved:
-      log.info("checkpoint of step %d %s", step, "started" if self._manager._options.enable_async_checkpointing
-               else "written")
+      log.info("checkpoint of step %d %s", step, "started (async)" if self.async_save else "written")
     return saved
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:

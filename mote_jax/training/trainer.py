@@ -57,7 +57,16 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """Too many consecutive non-finite steps; the last good checkpoint is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+  """A signal (SIGTERM: preemption, `kill`) stopped training after a checkpoint of the current step."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(f"{signal_name}: stopped after saving a checkpoint of step {step}")
+    self.signal_name = signal_name
+    self.step = step
 
 
 class Trainer:
@@ -212,9 +221,12 @@ class Trainer:
           checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stop["signal"] is not None)
           writer.advance(done)
           if stop["signal"] is not None:
-            log.warning("signal %s: saved a checkpoint at step %d, exiting", stop["signal"], done)
-            break
+            checkpointer.wait()
+            raise TrainingInterrupted(stop["signal"], done)
       finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+          close()
         checkpointer.wait()
         writer.close()
     return state

@@ -1,0 +1,210 @@
+"""Jobs: contrastive fine-tuning (Tevatron recipe), hard-negative mining, evaluation, HF export.
+
+Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model and
+writes the top-ranked non-positives as a Tevatron jsonl; stage 2 trains from the initial checkpoint again with
+BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+
+from mote_jax import hf_interop
+from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
+                                    beir_groups, bm25_run, tevatron_groups, write_negatives)
+from mote_jax.model import MoteConfig, init_params
+from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
+from mote_jax.partitioning import MeshConfig, Partitioner
+from mote_jax.retrieval import beir, encode, metrics, search
+from mote_jax.retrieval.evaluate import evaluate
+from mote_jax.training.checkpointing import Checkpointer
+from mote_jax.training.optimizer import OptimizerConfig, expert_axes
+from mote_jax.training.trainer import Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a job's encoder comes from: an HF BERT checkpoint (`checkpoint`, any tower mode) or a `to_hf` export
+  of a MoTE model (`towers`, e.g. a pre-training run's MODEL_DIR/hf)."""
+
+  checkpoint: str | None = None
+  towers: str | None = None
+  tower_mode: str = "mote"
+  overrides: dict | None = None
+
+  def load(self) -> tuple[MoteConfig, PyTree, Path]:
+    """(config, host params, tokenizer directory)."""
+    overrides = dict(self.overrides or {})
+    if (self.checkpoint is None) == (self.towers is None):
+      raise ValueError("ModelSource: set exactly one of checkpoint and towers")
+    if self.towers is not None:
+      config, params = hf_interop.from_hf_towers(self.towers, **overrides)
+      if config.tower_mode != self.tower_mode:
+        log.info("%s holds a %s model (ModelSource.tower_mode=%s ignored)", self.towers, config.tower_mode,
+                 self.tower_mode)
+      return config, params, Path(self.towers) / "passage"
+    path = hf_interop.resolve_checkpoint(self.checkpoint)
+    config, params = hf_interop.from_hf(path, tower_mode=self.tower_mode, **overrides)
+    return config, params, path
+
+
+def _tokenizer(path):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(path))
+
+
+def _merge(groups_lists: Sequence[Sequence[TrainGroup]]) -> list[TrainGroup]:
+  """Per query, the negatives of every source (in source order, duplicates dropped); positives of the first."""
+  merged: dict[str, TrainGroup] = {}
+  for groups in groups_lists:
+    for g in groups:
+      if g.query_id not in merged:
+        merged[g.query_id] = g
+        continue
+      old = merged[g.query_id]
+      seen = {p.docid for p in old.negatives}
+      extra = tuple(p for p in g.negatives if p.docid not in seen)
+      merged[g.query_id] = dataclasses.replace(old, negatives=old.negatives + extra)
+  return list(merged.values())
+
+
+@gin.configurable
+def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str] = ("bm25",),
+                    bm25_depth: int = 100, num_negatives: int = 30, cache_dir: str | None = None
+                    ) -> list[TrainGroup]:
+  """Training groups of a BEIR split with negatives from each source in `negatives`: 'bm25' (bm25s over the
+  corpus; the run is cached as a TREC file in `cache_dir`), or the path of a Tevatron jsonl (e.g. mined)."""
+  data = beir.load_beir(beir_dir, split)
+  sources = []
+  for source in negatives:
+    if source == "bm25":
+      cached = Path(cache_dir) / f"bm25-{data.name}-{split}-{bm25_depth}.trec" if cache_dir else None
+      if cached is not None and cached.exists():
+        run = metrics.read_run(cached)
+      else:
+        run = bm25_run(data.corpus.ids, data.corpus.passages(), data.queries, k=bm25_depth)
+        if cached is not None and jax.process_index() == 0:
+          metrics.write_run(cached, run, tag="bm25s")
+      sources.append(beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
+                                 num_negatives=num_negatives))
+    else:
+      sources.append(tevatron_groups(source))
+  groups = _merge(sources)
+  log.info("%d training groups from %s/%s, negatives from %s (mean %.1f per query)", len(groups), beir_dir,
+           split, list(negatives), np.mean([len(g.negatives) for g in groups]))
+  return groups
+
+
+@gin.configurable
+def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: str = gin.REQUIRED,
+             train_split: str = "train", groups_fn=training_groups, batch_size: int = 16,
+             sampling: SamplingConfig = SamplingConfig(), contrastive: ContrastiveConfig = ContrastiveConfig(),
+             optimizer: OptimizerConfig = OptimizerConfig(), trainer: TrainerConfig = TrainerConfig(),
+             mesh: MeshConfig = MeshConfig(), data_seed: int = 0, eval_data: str | None = None,
+             eval_split: str = "test", eval_method: str = "exact",
+             encode_options: encode.EncodeOptions = encode.EncodeOptions(),
+             scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
+             export_hf: bool = True) -> dict:
+  """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert).
+
+  Resumes from MODEL_DIR/checkpoints. At the end: MODEL_DIR/hf towers, an evaluation of `eval_data` (report in
+  MODEL_DIR/eval), and optionally hard negatives of the train split mined with the fine-tuned model.
+  Returns {"eval": report or None, "negatives": path or None}.
+  """
+  partitioner = Partitioner.create(mesh)
+  config, host_params, tokenizer_dir = model.load()
+  tokenizer = _tokenizer(tokenizer_dir)
+  groups = groups_fn(train_data, train_split, cache_dir=str(Path(model_dir) / "cache"))
+  stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
+
+  contrastive_model = ContrastiveModel(config, contrastive)
+  boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  shardings = partitioner.param_shardings(boxed)
+
+  def loss_fn(params, batch, rng, deterministic):
+    return contrastive_model.loss_fn(params, batch, rng, deterministic)
+
+  loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed),
+                 loss_and_grads_fn=contrastive_model.loss_and_grads)
+  checkpointer = Checkpointer(Path(model_dir) / "checkpoints", save_every=trainer.checkpoint_every,
+                              keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
+  state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
+  log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
+           config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
+           trainer.num_steps, trainer.num_steps * batch_size / len(groups))
+
+  def batches(start):
+    return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
+                           num_shards=jax.process_count())
+
+  try:
+    state = loop.train(state, batches, checkpointer)
+  finally:
+    checkpointer.close()
+  params = state.params
+  if export_hf:
+    hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=tokenizer_dir,
+                     max_seq_length=encode_options.max_length, overwrite=True)
+  report = None
+  if eval_data:
+    report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
+                      method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                      partitioner=partitioner)
+  negatives = None
+  if mine_negatives_to:
+    negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
+                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                               partitioner=partitioner)
+  return {"eval": report, "negatives": negatives}
+
+
+@gin.configurable(denylist=["config", "params", "tokenizer", "partitioner"])
+def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str, split: str, out_path: str, *,
+                   out_dir: str | Path, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
+                   method: str = "exact", encode_options: encode.EncodeOptions = encode.EncodeOptions(),
+                   partitioner: Partitioner | None = None) -> str:
+  """Retrieves `split`'s queries with the model, drops judged positives, and writes the top-ranked rest
+  (after `skip_first`) as Tevatron jsonl negatives at `out_path`."""
+  evaluate(config, params, tokenizer, beir_dir, split, out_dir=out_dir, method=method, k=depth,
+           encode_options=encode_options, partitioner=partitioner)
+  data = beir.load_beir(beir_dir, split)
+  run = metrics.read_run(Path(out_dir) / f"run-{split}-{method}.trec")
+  groups = beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
+                       num_negatives=num_negatives, skip_first=skip_first)
+  if jax.process_index() == 0:
+    write_negatives(out_path, groups)
+  log.info("mined %d negatives for each of %d queries into %s", num_negatives, len(groups), out_path)
+  return str(out_path)
+
+
+@gin.configurable
+def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str = gin.REQUIRED,
+                 split: str = "test", method: str = "exact", k: int = 1000, mesh: MeshConfig = MeshConfig(),
+                 encode_options: encode.EncodeOptions = encode.EncodeOptions(),
+                 scann_config: search.ScannConfig = search.ScannConfig()) -> dict:
+  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval."""
+  config, params, tokenizer_dir = model.load()
+  return evaluate(config, params, _tokenizer(tokenizer_dir), data, split, out_dir=Path(model_dir) / "eval",
+                  method=method, k=k, encode_options=encode_options, scann_config=scann_config,
+                  partitioner=Partitioner.create(mesh))
+
+
+@gin.configurable
+def export_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, max_seq_length: int = 512) -> str:
+  """Writes MODEL_DIR/hf/{query,passage} from any model source (e.g. a pre-training checkpoint's towers)."""
+  config, params, tokenizer_dir = model.load()
+  return str(hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=tokenizer_dir,
+                              max_seq_length=max_seq_length, overwrite=True))
+
