@@ -1,0 +1,1 @@
+"""Analyses of trained retrievers (embedding-space geometry)."""
