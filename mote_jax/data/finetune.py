@@ -107,11 +107,11 @@ def beir_groups(corpus_ids: Sequence[str], passages: Sequence[str], queries: Map
   """Groups of a BEIR train split: positives from qrels (relevance > 0), negatives from `run` minus positives.
 
   `num_negatives` ranked candidates are kept per query (after dropping the first `skip_first`, as some recipes
-  skip the very top of a run, where unjudged positives are most likely). Queries without a positive are dropped
-  (logged).
+  skip the very top of a run, where unjudged positives are most likely). Queries without a positive, or whose run
+  holds no non-positive document, are dropped (counted in the log).
   """
   text = dict(zip(corpus_ids, passages))
-  groups, without_positive = [], 0
+  groups, without_positive, without_negative = [], 0, 0
   for qid, query in queries.items():
     positives = tuple(Passage(d, text[d]) for d, rel in qrels.get(qid, {}).items() if rel > 0)
     if not positives:
@@ -120,9 +120,13 @@ def beir_groups(corpus_ids: Sequence[str], passages: Sequence[str], queries: Map
     ranked = sorted(run.get(qid, {}).items(), key=lambda item: -item[1])
     candidates = [d for d, _ in ranked if qrels.get(qid, {}).get(d, 0) <= 0][skip_first:]
     negatives = tuple(Passage(d, text[d]) for d in candidates[:num_negatives])
+    if not negatives:
+      without_negative += 1
+      continue
     groups.append(TrainGroup(qid, query, positives, negatives))
-  if without_positive:
-    log.info("%d queries without a positive judgement were left out", without_positive)
+  if without_positive or without_negative:
+    log.warning("left out %d queries without a positive judgement and %d whose run has no negative",
+                without_positive, without_negative)
   if not groups:
     raise ValueError("no training groups: no query has a positive judgement")
   return groups

@@ -114,6 +114,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              optimizer: OptimizerConfig = OptimizerConfig(), trainer: TrainerConfig = TrainerConfig(),
              mesh: MeshConfig = MeshConfig(), data_seed: int = 0, eval_data: str | None = None,
              eval_split: str = "test", eval_method: str = "exact",
+             eval_measures: Sequence[str] = metrics.DEFAULT_MEASURES,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
              export_hf: bool = True) -> dict:
@@ -161,13 +162,20 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if eval_data:
     report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
                       method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                      partitioner=partitioner)
+                      partitioner=partitioner, measures=eval_measures)
   negatives = None
   if mine_negatives_to:
+    # The same out_dir as the evaluation: the corpus encoding (same model) is reused, not recomputed.
     negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
-                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                               out_dir=Path(model_dir) / "eval", encode_options=encode_options,
                                partitioner=partitioner)
   return {"eval": report, "negatives": negatives}
+
+
+@gin.configurable
+def mined_negatives_path(model_dir: str = gin.REQUIRED) -> str:
+  """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives for stage 2."""
+  return str(Path(model_dir) / "mined_negatives.jsonl")
 
 
 @gin.configurable(denylist=["config", "params", "tokenizer", "partitioner"])
@@ -192,13 +200,19 @@ def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str,
 @gin.configurable
 def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str = gin.REQUIRED,
                  split: str = "test", method: str = "exact", k: int = 1000, mesh: MeshConfig = MeshConfig(),
+                 measures: Sequence[str] = metrics.DEFAULT_MEASURES,
                  encode_options: encode.EncodeOptions = encode.EncodeOptions(),
                  scann_config: search.ScannConfig = search.ScannConfig()) -> dict:
-  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval."""
+  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval (MODEL_DIR/eval/<name>
+  when `data` is a list of BEIR directories, one report each)."""
   config, params, tokenizer_dir = model.load()
-  return evaluate(config, params, _tokenizer(tokenizer_dir), data, split, out_dir=Path(model_dir) / "eval",
-                  method=method, k=k, encode_options=encode_options, scann_config=scann_config,
-                  partitioner=Partitioner.create(mesh))
+  tokenizer, partitioner = _tokenizer(tokenizer_dir), Partitioner.create(mesh)
+  run_one = lambda directory, out: evaluate(  # noqa: E731
+      config, params, tokenizer, directory, split, out_dir=out, method=method, k=k, encode_options=encode_options,
+      scann_config=scann_config, partitioner=partitioner, measures=measures)
+  if isinstance(data, (list, tuple)):
+    return {Path(d).name: run_one(d, Path(model_dir) / "eval" / Path(d).name) for d in data}
+  return run_one(data, Path(model_dir) / "eval")
 
 
 @gin.configurable
