@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from mote_jax.model import EXPERTS, MoteConfig, MoteEncoder, init_params
 from mote_jax.partitioning import MeshConfig, Partitioner
@@ -245,8 +246,7 @@ def encode_to_store(embedder: Embedder, tokenizer, texts: Sequence[str], ids: Se
   if skipped:
     log.info("%s: %d of %d shards of this process already complete, skipping them", directory, skipped, len(mine))
 
-  from tqdm.auto import tqdm
-  todo_texts = sum(len(range(len(texts))[_span(s, options, len(texts))]) for s in todo)
+  todo_texts = sum(_span(s, options, len(texts)).stop - s * options.shard_size for s in todo)
   bar = tqdm(total=todo_texts, unit="text", desc=f"encode {expert} {directory.name}", mininterval=2.0,
              disable=not options.progress)
   start, encoded = time.perf_counter(), 0

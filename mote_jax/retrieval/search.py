@@ -11,7 +11,6 @@ bfloat16 passes) on the devices of this process only, so in multi-process runs i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mote_jax.retrieval.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
+
 
 def merge_topk(scores: Sequence[np.ndarray], indices: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
   """Merges partial top-k lists ([Q, k_i] each) into one [Q, min(k, sum k_i)], best first, ties by lower index."""
@@ -61,7 +61,6 @@ def _chunks(corpus, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     yield offset, np.concatenate(buffer)
 
 
-@functools.lru_cache(maxsize=16)
 def _exact_chunk_fn(mesh: Mesh, k: int):
   """jit of (queries [Qb, H], chunk [C, H] sharded on rows, valid rows) -> top-k (scores, chunk indices)."""
   def local(queries, chunk, valid):
@@ -124,17 +123,18 @@ class ScannConfig:
   """A ScaNN index: k-means tree partitioning (with SOAR spilling), anisotropic (AH) scoring, exact reordering.
 
   Unset sizes scale with the rows N of an index: num_leaves = round(sqrt(N)) (ScaNN's suggested start) and
-  num_leaves_to_search = ceil(search_factor * sqrt(num_leaves)), a fraction that falls as N grows (36% of 72
-  leaves for SciFact's 5,183 documents, 9.5% of 1,000 leaves for 1M rows). SOAR assigns every row to a second,
-  "orthogonal" leaf as well, which recovers the neighbours that sit near partition boundaries; query and passage
-  embeddings come from different towers, which puts many of those there. The defaults reach recall@10 >= 0.95
-  of exact search on SciFact (all-MiniLM-L6-v2) and on 1M x 384 clustered vectors
-  (tests/test_retrieval_scifact.py, tests/test_retrieval_scann.py; `python -m mote_jax.retrieval.benchmark`).
+  num_leaves_to_search = ceil(search_factor * sqrt(num_leaves)), a fraction that falls as N grows (43 of 72
+  leaves for SciFact's 5,183 documents, 159 of 1,000 for 1M rows). Searching is cheap next to building, so
+  the defaults lean to recall. SOAR also files every row under a second leaf, chosen so that its residual is
+  near-orthogonal to the first: that recovers neighbours on partition boundaries, where query/passage pairs
+  from different towers often sit. The defaults reach recall@10 >= 0.95 of exact search on SciFact
+  (all-MiniLM-L6-v2) and on 1M x 384 clustered vectors (tests/test_retrieval_scifact.py,
+  tests/test_retrieval_scann.py; `python -m mote_jax.retrieval.benchmark`).
   """
 
   num_leaves: int | None = None
   num_leaves_to_search: int | None = None
-  search_factor: float = 3.0
+  search_factor: float = 5.0
   training_sample_size: int = 250_000
   spherical: bool = False  # spherical k-means centres; a good choice for L2-normalised embeddings
   soar_lambda: float | None = 1.0  # None: no spilling (a smaller index, lower recall)

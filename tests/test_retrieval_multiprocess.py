@@ -1,0 +1,133 @@
+"""Two JAX processes (2 CPU devices each, gloo collectives) run evaluate() together; the result equals one process.
+
+The shards are uneven on purpose: the corpus has 9 shards (process 1 idles in the last round), the queries 3, and
+one corpus shard of process 1 is complete before the start, so the processes' batch counts differ in most rounds
+and only the agreed schedule keeps their collective calls in step.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def _tiny():
+  """The tiny MoTE model both processes and the reference build, identically, from a fixed key."""
+  import flax.linen as nn
+  import jax
+  from mote_jax.model import MoteConfig, init_params
+  config = MoteConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                      max_position_embeddings=128, tower_mode="mote", pooling="cls", normalize=False)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    params = jax.tree.map(np.asarray, nn.unbox(jax.jit(lambda: init_params(config, jax.random.PRNGKey(5)))()))
+  return config, params
+
+
+def _options():
+  from mote_jax.retrieval import EncodeOptions
+  return EncodeOptions(batch_size=8, max_length=64, length_step=16, shard_size=7, progress=False)
+
+
+def _worker(process_id: int, num_processes: int, port: int, workdir: Path):
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                             process_id=process_id)
+  from transformers import AutoTokenizer
+  from mote_jax.retrieval import evaluate
+  setup = json.loads((workdir / "setup.json").read_text())
+  config, params = _tiny()
+  report = evaluate(config, params, AutoTokenizer.from_pretrained(setup["tokenizer"]), workdir / "beir", "test",
+                    out_dir=workdir / "multi", encode_options=_options())
+  print(f"process {process_id}: {json.dumps(report['metrics'])}", flush=True)
+  jax.distributed.shutdown()
+
+
+def _small_beir(data_dir: Path, out: Path):
+  """20 SciFact test queries, their judged documents and distractors: 57 documents."""
+  from mote_jax.retrieval import load_beir
+  data = load_beir(data_dir / "scifact", "test")
+  queries = list(data.queries)[:20]
+  keep = {d for q in queries for d in data.qrels[q]}
+  for doc_id in data.corpus.ids:
+    if len(keep) >= 57:
+      break
+    keep.add(doc_id)
+  (out / "qrels").mkdir(parents=True)
+  with open(out / "corpus.jsonl", "w") as f:
+    for doc_id, title, text in zip(data.corpus.ids, data.corpus.titles, data.corpus.texts):
+      if doc_id in keep:
+        f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
+  with open(out / "queries.jsonl", "w") as f:
+    for q in queries:
+      f.write(json.dumps({"_id": q, "text": data.queries[q]}) + "\n")
+  with open(out / "qrels" / "test.tsv", "w") as f:
+    f.write("query-id\tcorpus-id\tscore\n")
+    for q in queries:
+      for doc_id, relevance in data.qrels[q].items():
+        f.write(f"{q}\t{doc_id}\t{relevance}\n")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, data_dir, minilm_path, tokenizer):
+  from mote_jax.retrieval import EmbeddingStore, evaluate
+  _small_beir(data_dir, tmp_path / "beir")
+  config, params = _tiny()
+  reference = evaluate(config, params, tokenizer, tmp_path / "beir", "test", out_dir=tmp_path / "single",
+                       encode_options=_options())
+  assert reference["encoding"]["corpus"]["shards"] == 9 and reference["encoding"]["queries"]["shards"] == 3
+
+  # Process 1 owns corpus shards 1, 3, 5, 7; shard 3 is already complete when the run starts.
+  corpus_dir = tmp_path / "multi" / "corpus"
+  corpus_dir.mkdir(parents=True)
+  for name in ("manifest.json", "emb_00003.npy", "ids_00003.json"):
+    shutil.copy2(tmp_path / "single" / "corpus" / name, corpus_dir / name)
+  before = (corpus_dir / "emb_00003.npy").stat().st_mtime_ns
+  (tmp_path / "setup.json").write_text(json.dumps({"tokenizer": minilm_path}))
+
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  workers = [subprocess.Popen([sys.executable, __file__, str(i), "2", str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=TIMEOUT_S)[0])
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+  for i, (worker, output) in enumerate(zip(workers, outputs)):
+    assert worker.returncode == 0, f"process {i} failed:\n{output[-5000:]}"
+
+  assert (corpus_dir / "emb_00003.npy").stat().st_mtime_ns == before  # skipped, not recomputed
+  for store in ("corpus", "queries-test"):
+    single, multi = EmbeddingStore.open(tmp_path / "single" / store), EmbeddingStore.open(tmp_path / "multi" / store)
+    assert multi.ids == single.ids
+    np.testing.assert_allclose(multi.load(), single.load(), atol=1e-5, rtol=0)
+  report = json.loads((tmp_path / "multi" / "report-test-exact.json").read_text())
+  assert report["devices"]["processes"] == 2 and report["devices"]["count"] == 4
+  assert report["encoding"]["corpus"]["shards_skipped"] == 0  # process 0's view; process 1 skipped shard 3
+  # A random tiny model scores many documents within float noise of each other, so a last-bit difference between
+  # meshes can swap two of them: metrics agree closely, not exactly.
+  for name, value in reference["metrics"].items():
+    assert abs(report["metrics"][name] - value) <= 1e-3, name
+  assert all(f"process {i}: " in output for i, output in enumerate(outputs))
+
+
+if __name__ == "__main__":
+  _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
