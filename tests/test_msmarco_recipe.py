@@ -24,6 +24,10 @@ def test_two_stage_recipe_end_to_end(tmp_path, data_dir, random_bert_dir):
             "--gin.EncodeOptions.max_length=64", "--gin.SamplingConfig.passage_max_len=64"]
   stage1 = tmp_path / "s1"
   _launch("--gin_file=runs/msmarco_dl19_smoke.gin", f"--gin.MODEL_DIR={stage1}", *common)
+  report = json.loads((stage1 / "eval" / "report-test-exact.json").read_text())
+  assert set(report["metrics"]) == {"RR@10", "R@50", "R@1000", "nDCG@10"}
+  # Mining searched the evaluation's corpus encoding instead of encoding the corpus again.
+  assert not (stage1 / "mining" / "corpus").exists() and (stage1 / "mining" / "run-test-exact.trec").exists()
   mined = [json.loads(line) for line in (stage1 / "mined_negatives.jsonl").read_text().splitlines()]
   assert len(mined) == 43 and all(len(m["negative_passages"]) == 30 for m in mined)
   qrels = {}

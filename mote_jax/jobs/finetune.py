@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +18,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from etils import epath
 
 from mote_jax import hf_interop
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
@@ -25,7 +28,7 @@ from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
 from mote_jax.retrieval.evaluate import evaluate
-from mote_jax.training.checkpointing import Checkpointer
+from mote_jax.training.checkpointing import Checkpointer, is_uri
 from mote_jax.training.optimizer import OptimizerConfig, expert_axes
 from mote_jax.training.trainer import Trainer, TrainerConfig
 
@@ -90,13 +93,13 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
   sources = []
   for source in negatives:
     if source == "bm25":
-      cached = Path(cache_dir) / f"bm25-{data.name}-{split}-{bm25_depth}.trec" if cache_dir else None
+      cached = epath.Path(cache_dir) / f"bm25-{data.name}-{split}-{bm25_depth}.trec" if cache_dir else None
       if cached is not None and cached.exists():
-        run = metrics.read_run(cached)
+        run = _read_run(cached)
       else:
         run = bm25_run(data.corpus.ids, data.corpus.passages(), data.queries, k=bm25_depth)
         if cached is not None and jax.process_index() == 0:
-          metrics.write_run(cached, run, tag="bm25s")
+          _write_run(cached, run, tag="bm25s")
       sources.append(beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
                                  num_negatives=num_negatives))
     else:
@@ -105,6 +108,36 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
   log.info("%d training groups from %s/%s, negatives from %s (mean %.1f per query)", len(groups), beir_dir,
            split, list(negatives), np.mean([len(g.negatives) for g in groups]))
   return groups
+
+
+def _read_run(path: epath.Path) -> metrics.Run:
+  """`metrics.read_run` of a local file or, through a local copy, of an object-store one (gs://...)."""
+  if not is_uri(path):
+    return metrics.read_run(path)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = Path(tmp) / path.name
+    local.write_bytes(path.read_bytes())
+    return metrics.read_run(local)
+
+
+def _write_run(path: epath.Path, run, tag: str) -> None:
+  """`metrics.write_run` to a local file or, through a local file, to an object store (one object write)."""
+  if not is_uri(path):
+    metrics.write_run(path, run, tag=tag)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = metrics.write_run(Path(tmp) / path.name, run, tag=tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(Path(local).read_bytes())
+
+
+def _check_local(path: str | os.PathLike, what: str) -> None:
+  """Retrieval outputs (embedding stores, runs, reports, mined negatives) go through local file APIs: fail before
+  training rather than write a gs://bucket path as a local 'gs:/bucket' directory."""
+  if is_uri(path):
+    raise NotImplementedError(f"{what} writes to {os.fspath(path)!r}, an object store: retrieval outputs need a "
+                              "local or shared file system (mote_jax/retrieval writes with local file APIs); use a "
+                              "local MODEL_DIR or turn the evaluation / mining off")
 
 
 @gin.configurable
@@ -124,10 +157,16 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   MODEL_DIR/eval), and optionally hard negatives of the train split mined with the fine-tuned model.
   Returns {"eval": report or None, "negatives": path or None}.
   """
+  run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
+  if eval_data:
+    _check_local(run_dir / "eval", "finetune's evaluation")
+  if mine_negatives_to:
+    _check_local(run_dir / "eval", "finetune's negative mining")
+    _check_local(mine_negatives_to, "finetune's negative mining")
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
-  groups = groups_fn(train_data, train_split, cache_dir=str(Path(model_dir) / "cache"))
+  groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
   stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
 
   contrastive_model = ContrastiveModel(config, contrastive)
@@ -139,7 +178,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
 
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed),
                  loss_and_grads_fn=contrastive_model.loss_and_grads)
-  checkpointer = Checkpointer(Path(model_dir) / "checkpoints", save_every=trainer.checkpoint_every,
+  checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
   log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
@@ -156,8 +195,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
     checkpointer.close()
   params = state.params
   if export_hf:
-    hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=tokenizer_dir,
-                     max_seq_length=encode_options.max_length, overwrite=True)
+    hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
+                              max_seq_length=encode_options.max_length, overwrite=True)
   report = None
   if eval_data:
     report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
@@ -165,28 +204,30 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
                       partitioner=partitioner, measures=eval_measures)
   negatives = None
   if mine_negatives_to:
-    # The same out_dir as the evaluation: the corpus encoding (same model) is reused, not recomputed.
+    # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
+    same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
     negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
-                               out_dir=Path(model_dir) / "eval", encode_options=encode_options,
-                               partitioner=partitioner)
+                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                               partitioner=partitioner,
+                               corpus_dir=Path(model_dir) / "eval" / "corpus" if same_corpus else None)
   return {"eval": report, "negatives": negatives}
 
 
 @gin.configurable
 def mined_negatives_path(model_dir: str = gin.REQUIRED) -> str:
   """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives for stage 2."""
-  return str(Path(model_dir) / "mined_negatives.jsonl")
+  return os.fspath(epath.Path(model_dir) / "mined_negatives.jsonl")
 
 
-@gin.configurable(denylist=["config", "params", "tokenizer", "partitioner"])
+@gin.configurable(denylist=["config", "params", "tokenizer", "partitioner", "corpus_dir"])
 def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str, split: str, out_path: str, *,
                    out_dir: str | Path, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
                    method: str = "exact", encode_options: encode.EncodeOptions = encode.EncodeOptions(),
-                   partitioner: Partitioner | None = None) -> str:
+                   partitioner: Partitioner | None = None, corpus_dir: str | Path | None = None) -> str:
   """Retrieves `split`'s queries with the model, drops judged positives, and writes the top-ranked rest
   (after `skip_first`) as Tevatron jsonl negatives at `out_path`."""
   evaluate(config, params, tokenizer, beir_dir, split, out_dir=out_dir, method=method, k=depth,
-           encode_options=encode_options, partitioner=partitioner)
+           encode_options=encode_options, partitioner=partitioner, corpus_dir=corpus_dir)
   data = beir.load_beir(beir_dir, split)
   run = metrics.read_run(Path(out_dir) / f"run-{split}-{method}.trec")
   groups = beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
@@ -205,6 +246,7 @@ def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str
                  scann_config: search.ScannConfig = search.ScannConfig()) -> dict:
   """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval (MODEL_DIR/eval/<name>
   when `data` is a list of BEIR directories, one report each)."""
+  _check_local(model_dir, "evaluate_job")
   config, params, tokenizer_dir = model.load()
   tokenizer, partitioner = _tokenizer(tokenizer_dir), Partitioner.create(mesh)
   run_one = lambda directory, out: evaluate(  # noqa: E731
@@ -219,6 +261,6 @@ def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str
 def export_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, max_seq_length: int = 512) -> str:
   """Writes MODEL_DIR/hf/{query,passage} from any model source (e.g. a pre-training checkpoint's towers)."""
   config, params, tokenizer_dir = model.load()
-  return str(hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=tokenizer_dir,
-                              max_seq_length=max_seq_length, overwrite=True))
+  return os.fspath(hf_interop.to_hf_anywhere(config, params, epath.Path(model_dir) / "hf", tokenizer=tokenizer_dir,
+                                             max_seq_length=max_seq_length, overwrite=True))
 

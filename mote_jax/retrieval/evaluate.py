@@ -35,11 +35,13 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
              out_dir: str | os.PathLike, method: str = "exact", k: int = 1000,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), partitioner: Partitioner | None = None,
-             measures: Sequence[str] = metrics.DEFAULT_MEASURES, allow_unknown_ids: bool = False) -> dict[str, Any]:
+             measures: Sequence[str] = metrics.DEFAULT_MEASURES, allow_unknown_ids: bool = False,
+             corpus_dir: str | os.PathLike | None = None) -> dict[str, Any]:
   """Encodes the corpus (passage expert) and the judged queries (query expert) of `split`, retrieves the top
   `k` per query by `method` ("exact" or "scann"), and scores the run with `measures`.
 
   Returns the report (also written to out_dir/report-<split>-<method>.json): {"metrics": {name: value}, ...}.
+  `corpus_dir` (default out_dir/corpus) lets evaluations of several splits share one corpus encoding.
   """
   start = time.perf_counter()
   out_dir = Path(out_dir)
@@ -47,7 +49,8 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
   embedder = encode.Embedder(config, params, partitioner)
   fingerprint = encode.params_fingerprint(params)
 
-  corpus_dir, queries_dir = out_dir / "corpus", out_dir / f"queries-{split}"
+  corpus_dir = Path(corpus_dir) if corpus_dir is not None else out_dir / "corpus"
+  queries_dir = out_dir / f"queries-{split}"
   corpus_stats = encode.encode_to_store(embedder, tokenizer, data.corpus.passages(), data.corpus.ids, "passage",
                                         corpus_dir, encode_options, model=fingerprint)
   query_ids = list(data.queries)
