@@ -107,7 +107,7 @@ class _GinLookupNoise(logging.Filter):
 
 
 def setup_logging(level: str) -> None:
-  logging.basicConfig(level=level.upper(), stream=sys.stderr,
+  logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True,  # one handler, whatever came before
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for handler in logging.getLogger().handlers:
     handler.addFilter(_GinLookupNoise())
