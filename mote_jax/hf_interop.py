@@ -462,3 +462,39 @@ def from_hf_towers(path: str | os.PathLike, **overrides) -> tuple[MoteConfig, Py
     return p
 
   return config, {"tower": merge((), query, passage)}
+
+
+# --- exports to object stores ----------------------------------------------------------------------------------
+
+
+def to_hf_anywhere(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike,
+                   tokenizer: str | os.PathLike | None, max_seq_length: int = 512, overwrite: bool = False):
+  """`to_hf` to a local directory or to an object store (`gs://bucket/run/hf`); returns `out_dir`.
+
+  A local `out_dir` is exactly `to_hf` (returns a pathlib.Path). Object stores have no directory rename, so for a
+  URI the tree is built locally by `to_hf` in a temporary directory, then copied file by file with
+  `mote_config.json` last: its presence marks a complete export (`from_hf_towers` reads it first). With
+  `overwrite`, an existing export is deleted before the copy. Like `to_hf`, a collective (sharded params are
+  gathered on every process) after which only process 0 writes. Returns an `etils.epath.Path` for a URI.
+  """
+  if "://" not in os.fspath(out_dir):
+    return to_hf(config, params, out_dir, tokenizer, max_seq_length=max_seq_length, overwrite=overwrite)
+  from etils import epath
+  out = epath.Path(out_dir)
+  with tempfile.TemporaryDirectory(prefix="mote_hf_export_") as local:
+    # Built before any check: the gather inside is a collective that every process must reach.
+    built = to_hf(config, params, Path(local) / "hf", tokenizer, max_seq_length=max_seq_length)
+    if jax.process_index() != 0:
+      return out
+    if out.exists():
+      if not overwrite:
+        raise FileExistsError(f"to_hf: {out} exists (pass overwrite=True to replace it)")
+      out.rmtree()
+    files = sorted(p for p in built.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == "mote_config.json")  # stable: the marker goes last
+    for path in files:
+      target = out / path.relative_to(built).as_posix()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(path.read_bytes())
+  log.info("copied HF towers to %s", out)
+  return out

@@ -7,9 +7,9 @@ free of gin.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import gin
+from etils import epath
 
 from mote_jax import data
 from mote_jax.data.finetune import SamplingConfig
@@ -34,12 +34,17 @@ log = logging.getLogger(__name__)
 
 @gin.configurable
 def run(job=gin.REQUIRED, model_dir: str = gin.REQUIRED):
-  """Runs `job(model_dir=...)`; MODEL_DIR/config.gin gets the full config first, the operative one at the end."""
+  """Runs `job(model_dir=...)`; MODEL_DIR/config.gin gets the full config first, the operative one at the end.
+
+  `model_dir` may be local or an object store (`gs://bucket/run`); it reaches the job as given (a string). In a
+  multi-process run every process calls this and only process 0 writes the gin files.
+  """
   import jax
-  Path(model_dir).mkdir(parents=True, exist_ok=True)
+  root = epath.Path(model_dir)  # pathlib would turn gs://bucket into gs:/bucket
+  root.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (Path(model_dir) / "config.gin").write_text(gin.config_str())
+    (root / "config.gin").write_text(gin.config_str())
   result = job(model_dir=model_dir)
   if jax.process_index() == 0:
-    (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+    (root / "operative_config.gin").write_text(gin.operative_config_str())
   return result

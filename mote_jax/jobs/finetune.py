@@ -161,7 +161,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if eval_data:
     _check_local(run_dir / "eval", "finetune's evaluation")
   if mine_negatives_to:
-    _check_local(run_dir / "eval", "finetune's negative mining")
+    _check_local(run_dir / "mining", "finetune's negative mining")
     _check_local(mine_negatives_to, "finetune's negative mining")
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()

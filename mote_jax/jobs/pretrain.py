@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import flax.linen as nn
 import gin
 import jax
+from etils import epath
 
 from mote_jax import hf_interop
 from mote_jax.data import PairBatches, PairTask
@@ -163,7 +163,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
   flops = model_flops_per_step(config, objective, streams)
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed), flops,
                  eval_loss_fn=eval_loss_fn if eval_specs else None)
-  checkpointer = Checkpointer(Path(model_dir) / "checkpoints", save_every=trainer.checkpoint_every,
+  run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
+  checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, init_params, abstract_params)
   log.info("pre-training %s (%s) on mesh %s: %s params, streams %s, %.3g model FLOPs/step", config.tower_mode,
@@ -178,6 +179,6 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     checkpointer.close()
   if export_hf and int(jax.device_get(state.step)) >= trainer.num_steps:
     tokenizer = checkpoint_dir
-    hf_interop.to_hf(config, state.params["encoder"], Path(model_dir) / "hf", tokenizer=tokenizer,
-                     max_seq_length=max(spec.task.max_len for spec in streams), overwrite=True)
+    hf_interop.to_hf_anywhere(config, state.params["encoder"], run_dir / "hf", tokenizer=tokenizer,
+                              max_seq_length=max(spec.task.max_len for spec in streams), overwrite=True)
   return state

@@ -3,16 +3,20 @@
 The trainer is generic over the objective: it takes `loss_fn(params, batch, rng, deterministic) -> (loss,
 metrics)` and a deterministic batch stream `train_batches(start_step) -> iterator of host numpy dicts`, so a
 resumed run continues the exact stream from the restored step.
+
+Multi-process runs: every decision that leads to a collective (a step, an evaluation, a checkpoint save, stopping)
+is taken identically by every process. Values the loop branches on are replicated outputs of the step, and a
+SIGTERM, which may reach one process only or reach processes at different steps, is turned into a step at which
+every process stops (see `_StopRequest`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mote_jax.partitioning import Partitioner
@@ -61,7 +66,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-  """A signal (SIGTERM: preemption, `kill`) stopped training after a checkpoint of the current step."""
+  """A signal (SIGTERM: preemption, `kill`) stopped training after a checkpoint of the current step.
+
+  In a multi-process run every process raises it at the same step, including processes that got no signal."""
 
   def __init__(self, signal_name: str, step: int):
     super().__init__(f"{signal_name}: stopped after saving a checkpoint of step {step}")
@@ -73,7 +80,7 @@ class Trainer:
   """Builds the jitted step for a loss and runs the loop; stateless apart from its configuration."""
 
   def __init__(self, config: TrainerConfig, optimizer_config: OptimizerConfig, partitioner: Partitioner,
-               loss_fn: LossFn, model_dir: str | Path, param_shardings: Any, expert_axes: Any = None,
+               loss_fn: LossFn, model_dir: str | os.PathLike, param_shardings: Any, expert_axes: Any = None,
                flops_per_step: float | None = None, eval_loss_fn: LossFn | None = None,
                loss_and_grads_fn: Callable | None = None):
     """`eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other fields or streams.
@@ -84,7 +91,7 @@ class Trainer:
     self.loss_fn = loss_fn
     self.eval_loss_fn = eval_loss_fn or loss_fn
     self.loss_and_grads_fn = loss_and_grads_fn or jax.value_and_grad(loss_fn, has_aux=True)
-    self.model_dir = Path(model_dir)
+    self.model_dir = epath.Path(model_dir)  # keeps gs:// and other URIs (pathlib would collapse "//")
     self.param_shardings = param_shardings
     self.flops_per_step = flops_per_step
     self.optimizer = make_optimizer(optimizer_config, param_shardings, expert_axes)  # the mask needs paths only
@@ -194,11 +201,9 @@ class Trainer:
     start = int(jax.device_get(state.step))
     step_fn = self.compile_step(state)
     writer = MetricsWriter(self.model_dir, cfg.num_steps, start, progress=cfg.progress_bar)
-    stop = {"signal": None}
     batches = train_batches(start)
     window = dict(start=time.perf_counter(), steps=0, tokens=0)
-    pending = None  # (step, metrics) of the last log step, fetched after the next dispatch
-    with _sigterm_sets(stop):
+    with _StopRequest(start) as stop:
       try:
         if start == 0 and eval_batches is not None and cfg.eval_every:
           writer.write(0, self.evaluate(state.params, eval_batches()))
@@ -218,11 +223,12 @@ class Trainer:
             window = dict(start=time.perf_counter(), steps=0, tokens=0)
           if eval_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
             writer.write(done, self.evaluate(state.params, eval_batches()))
-          checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stop["signal"] is not None)
+          stopping = stop.agreed(done)  # the same answer on every process, so the forced save below is collective
+          checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stopping)
           writer.advance(done)
-          if stop["signal"] is not None:
+          if stopping:
             checkpointer.wait()
-            raise TrainingInterrupted(stop["signal"], done)
+            raise TrainingInterrupted(stop.reason, done)
       finally:
         close = getattr(batches, "close", None)
         if close is not None:
@@ -250,17 +256,68 @@ def _count_tokens(batch) -> int:
                  if str(getattr(path[-1], "key", "")).endswith("attention_mask")))
 
 
-@contextlib.contextmanager
-def _sigterm_sets(flag: dict):
-  """While active, SIGTERM sets flag['signal'] instead of killing: the loop saves a checkpoint and stops."""
-  def handler(signum, _frame):
-    flag["signal"] = signal.Signals(signum).name
-  try:
-    previous = signal.signal(signal.SIGTERM, handler)
-  except ValueError:  # not the main thread: leave signals alone
-    yield
-    return
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+class _StopRequest:
+  """Whether to stop (save a checkpoint, then raise TrainingInterrupted) after a step: the same answer on every
+  process at the same step.
+
+  A SIGTERM may reach one process only (a `kill`, one preempted host) or reach processes at different steps, while
+  the checkpoint save that follows it is a collective: processes that disagreed on the step would hang. So:
+
+  - one process: a Python SIGTERM handler sets a flag, read after every step;
+  - several processes with JAX's preemption service (the default after `jax.distributed.initialize`): the
+    service's own SIGTERM handler notifies the coordinator, which tells every process, and
+    `multihost_utils.reached_preemption_sync_point(step)`, asked after every step (a local check), turns True at
+    the same step everywhere. No Python handler is installed, since it would replace the service's one. The
+    service holds SIGTERM from `jax.distributed.initialize` on: a notice that came while data or the model were
+    being prepared stops a fresh run after its first step (a resumed run only sees notices from its first step
+    on, since the service counts steps from 0);
+  - several processes without the service (`jax_enable_preemption_service=False`): the Python flag, all-gathered
+    after every step (one tiny collective per step), and any process's flag stops them all.
+  """
+
+  def __init__(self, start_step: int):
+    self._flag: str | None = None
+    self._previous = None
+    self._installed = False
+    self.mode = "local"
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        # Telling the service where this process stands is also the probe of whether it runs at all.
+        multihost_utils.reached_preemption_sync_point(start_step)
+        self.mode = "preemption_service"
+      except RuntimeError:
+        self.mode = "allgather"
+
+  @property
+  def reason(self) -> str:
+    return self._flag or "SIGTERM (preemption notice, possibly on another process)"
+
+  def __enter__(self) -> "_StopRequest":
+    if self.mode == "preemption_service":
+      return self
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
+    except ValueError:  # not the main thread: leave signals alone
+      pass
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+  def _handler(self, signum, _frame) -> None:
+    self._flag = signal.Signals(signum).name
+
+  def agreed(self, step: int) -> bool:
+    """Whether every process stops after `step` (a collective in the multi-process modes: every process asks,
+    once per step, with the same `step`)."""
+    if self.mode == "local":
+      return self._flag is not None
+    from jax.experimental import multihost_utils
+    if self.mode == "preemption_service":
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    flags = multihost_utils.process_allgather(np.array([self._flag is not None], np.int32))
+    return bool(np.asarray(flags).any())
