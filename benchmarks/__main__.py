@@ -1,0 +1,80 @@
+"""`python -m benchmarks [--quick] [--only NAME[,NAME]] [--out RESULTS.md]`: run the benchmarks, write RESULTS.md.
+
+Each section runs in its own process (`python -m benchmarks.<section>`), so XLA flags, thread pools and peak
+memory are its own. Full runs keep every section's raw result in `benchmarks/results.json`, so `--only` re-measures
+some sections and re-renders RESULTS.md with the stored others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.common import load1, machine, run_module, wait_for_quiet
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "variants", "flags", "profile")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths in a few minutes")
+  parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+  parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
+  parser.add_argument("--out", default=None, help="RESULTS.md path (default benchmarks/RESULTS.md; --quick: a "
+                      "temporary directory)")
+  parser.add_argument("--max-load", type=float, default=1.5, help="wait for the 1-min load to fall below this "
+                      "before each section")
+  parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a quiet machine per section "
+                      "(then measure anyway, with the load noted)")
+  parser.add_argument("--section-timeout", type=float, default=1800.0)
+  args = parser.parse_args(argv)
+
+  chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+  unknown = [s for s in chosen + [s for s in args.skip.split(",") if s] if s not in SECTIONS]
+  if unknown:
+    parser.error(f"unknown sections {unknown}; expected some of {SECTIONS}")
+  chosen = [s for s in chosen if s not in args.skip.split(",")]
+  if args.quick:
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mote_bench_quick_")) / "RESULTS.md"
+    store = out.with_name("results.json")
+  else:
+    out = Path(args.out) if args.out else HERE / "RESULTS.md"
+    store = out.with_name("results.json")
+  results = json.loads(store.read_text()) if store.exists() and args.only else {}
+  results["machine"] = machine()
+  notes = []
+  command = "python -m benchmarks" + (" --quick" if args.quick else "")
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in chosen:
+      waited = wait_for_quiet(args.max_load, 0 if args.quick else args.wait)
+      if not waited["quiet"]:
+        notes.append(f"{name}: started at 1-min load {waited['load1']} after waiting {waited['waited_s']:.0f}s "
+                     f"for < {args.max_load}")
+      started = time.time()
+      result = run_module(f"benchmarks.{name}", Path(tmp) / f"{name}.json", quick=args.quick,
+                          timeout=args.section_timeout)
+      result["measured_at"] = datetime.datetime.now().isoformat(timespec="minutes")
+      result["load1_at_start"] = waited["load1"]
+      results[name] = result
+      status = "error" if "error" in result else "ok"
+      print(f"[bench] section {name}: {status} in {time.time() - started:.0f}s (load now {load1()})", flush=True)
+      store.parent.mkdir(parents=True, exist_ok=True)
+      store.write_text(json.dumps(results, indent=1, default=float))
+      out.write_text(report.render(results, command))
+  if notes:
+    results["machine"]["notes"] = notes
+  store.write_text(json.dumps(results, indent=1, default=float))
+  out.write_text(report.render(results, command))
+  print(f"[bench] wrote {out}")
+  return 1 if any("error" in results.get(name, {}) for name in chosen) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,181 @@
+"""Section "profile": where the JAX MiniLM-L6 pre-training step's time goes (production config, B=8, L=128).
+
+A `jax.profiler` trace of a few steps of the compiled `Trainer` step, read back with `jax.profiler.ProfileData`:
+every XLA thunk's time, joined with the compiled HLO (the thunk's fusion, its dot shapes, its source `op_name`),
+summed by kind (GEMM = thunks holding dots; dropout = the threefry bits and masks; other = elementwise,
+reductions, copies, gathers) and by model part. The GEMM rate (dot FLOPs / GEMM time) against the measured
+matmul peak, and the time outside GEMMs, are what bound MFU. XLA's cost analysis FLOPs are reported beside the
+hand count of `model_flops_per_step`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import math
+import re
+import shutil
+import tempfile
+import time
+
+from benchmarks.common import load1, section_main
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>\(.*?\)|\S+) (?P<op>[\w\-]+)\((?P<args>.*?)\)(?P<rest>.*)$")
+_SHAPE = re.compile(r"\w+\[(?P<dims>[\d,]*)\]")
+
+
+_CONTAINERS = ("while", "call", "conditional", "async-start", "async-done")
+
+
+def _dims(shape: str) -> list[int]:
+  m = _SHAPE.match(shape)
+  return [int(x) for x in m.group("dims").split(",") if x] if m else []
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+  """{instruction name: {op, op_name, shape, dot_flops}} of every instruction of the compiled module; a fusion's
+  dot FLOPs are those of the dots in the computation it calls (recursively)."""
+  computations, shapes, current = {}, {}, None
+  for line in text.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      words = line.split()
+      current = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      computations[current] = []
+      continue
+    m = _INSTR.match(line)
+    if m and current is not None:
+      computations[current].append(m.groupdict())
+      shapes[(current, m.group("name"))] = m.group("shape")
+
+  def flops_of(ins: dict, comp: str) -> float:
+    if ins["op"] == "dot":
+      out = _dims(ins["shape"])
+      lhs = ins["args"].split(",")[0].strip().split(" ")[-1].lstrip("%")
+      lhs_shape = _dims(shapes.get((comp, lhs), ""))
+      contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["rest"])
+      if not (contract and lhs_shape):
+        return 0.0
+      return 2.0 * math.prod(out) * math.prod(lhs_shape[int(i)] for i in contract.group(1).split(",") if i)
+    called = re.search(r"calls=%([\w.\-]+)", ins["rest"])
+    if called and called.group(1) in computations:
+      return sum(flops_of(inner, called.group(1)) for inner in computations[called.group(1)])
+    return 0.0
+
+  out = {}
+  for comp, instrs in computations.items():
+    for ins in instrs:
+      op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
+      out[ins["name"]] = {"op": ins["op"], "op_name": op_name.group(1) if op_name else "",
+                          "dot_flops": flops_of(ins, comp), "shape": ins["shape"]}
+  return out
+
+
+def _part(op_name: str) -> str:
+  if any(key in op_name for key in ("threefry", "random_bits", "Dropout", "_bernoulli", "_uniform")):
+    return "dropout (RNG, masks)"
+  if "mlm_head" in op_name or "mlm_logits" in op_name:
+    return "MLM head"
+  if "CotMaeDecoder" in op_name:
+    return "decoder layers"
+  if "embeddings" in op_name or "embed_tokens" in op_name:
+    return "embeddings"
+  if "/attention/" in op_name:
+    return "encoder attention"
+  if "/ffn/" in op_name:
+    return "encoder FFN"
+  if "jvp(" in op_name or "transpose(" in op_name:
+    return "loss / other fwd-bwd"
+  return "optimizer / step logic"
+
+
+def summarize_trace(path: str, hlo: dict[str, dict], steps: int) -> dict:
+  from jax.profiler import ProfileData
+  data = ProfileData.from_file(path)
+  per_name, calls = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if line.name.startswith("python"):
+        continue
+      for event in line.events:
+        name = event.name
+        # Leaf thunks only: a while/call/conditional thunk's time is that of the thunks inside it.
+        if name in hlo and hlo[name]["op"] not in _CONTAINERS:
+          per_name[name] += event.duration_ns
+          calls[name] += 1
+  total = sum(per_name.values())
+  by_kind, by_part, gemm_flops = collections.Counter(), collections.Counter(), 0.0
+  rows = []
+  for name, ns in per_name.items():
+    info = hlo[name]
+    is_gemm = info["dot_flops"] > 0
+    kind = "GEMM" if is_gemm else ("dropout" if _part(info["op_name"]).startswith("dropout") else "other")
+    by_kind[kind] += ns
+    by_part[_part(info["op_name"])] += ns
+    if is_gemm:
+      gemm_flops += info["dot_flops"] * calls[name]
+    rows.append((name, ns))
+  rows.sort(key=lambda r: -r[1])
+  top = []
+  for name, ns in rows[:15]:
+    info = hlo[name]
+    ms = ns / 1e6 / steps
+    top.append({"thunk": name, "ms_per_step": round(ms, 2), "shape": info["shape"],
+                "op_name": info["op_name"].replace("jit(traced)/", "")[-110:],
+                "gflops_per_s": round(info["dot_flops"] / (ns / steps) , 1) if info["dot_flops"] else None})
+  gemm_s = by_kind["GEMM"] / 1e9 / steps
+  return {"thunk_ms_per_step": round(total / 1e6 / steps, 1),
+          "by_kind_ms": {k: round(v / 1e6 / steps, 1) for k, v in by_kind.most_common()},
+          "by_part_ms": {k: round(v / 1e6 / steps, 1) for k, v in by_part.most_common()},
+          "gemm_gflop_per_step": round(gemm_flops / steps / 1e9, 2),
+          "gemm_gflops_per_s": round(gemm_flops / steps / 1e9 / gemm_s, 1) if gemm_s else None,
+          "top_thunks": top}
+
+
+def run(quick: bool = False, shape: str | None = None, steps: int | None = None) -> dict:
+  import jax
+
+  from benchmarks import data, gemm, jax_step
+  from mote_jax.objectives import ObjectiveConfig
+
+  shape = shape or ("tiny" if quick else "minilm")
+  batch_size, length = (2, 32) if quick else (8, 128)
+  steps = steps or (2 if quick else 3)
+  built = jax_step.build_shape(shape)
+  decoder = jax_step.decoder_params(built)
+  batch = data.pair_batch(batch_size, length)
+  p_enc, p_dec = jax_step.max_predictions(length)
+  step = jax_step.JaxStep(built, decoder, batch_size=batch_size, length=length,
+                          objective=ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec))
+  global_batch = step.global_batch(batch)
+  compiled = step.compile(batch)
+  cost = step.cost_analysis()
+  hlo = parse_hlo(compiled.as_text())
+  state = step.state
+  for _ in range(2):  # warm-up
+    state, metrics = compiled(state, global_batch)
+    float(metrics["loss"])
+  times = []
+  trace_dir = tempfile.mkdtemp(prefix="bench_trace_")
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, global_batch)
+    float(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  summary = summarize_trace(path, hlo, steps)
+  shutil.rmtree(trace_dir, ignore_errors=True)
+  peak = gemm.measure(sizes=(256,) if quick else (2048,), repeats=2 if quick else 3, libraries=("jax",))
+  wall = sorted(times)[len(times) // 2]
+  return dict(summary, shape=shape, batch_size=batch_size, length=length, traced_steps=steps,
+              step_wall_s_median=wall, model_flops_per_step=step.flops,
+              xla_cost_flops=cost.get("flops", float("nan")), compile_s=round(step.compile_s, 1),
+              xla_cost_bytes=cost.get("bytes accessed", float("nan")),
+              jax_matmul_gflops=peak["gflops"], load1=load1())
+
+
+if __name__ == "__main__":
+  section_main("profile", run)

@@ -1,0 +1,302 @@
+"""Renders the benchmark results (a dict of section results) as RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+ANALYSIS = Path(__file__).with_name("analysis.md")
+
+
+def _f(x, digits=2, unit=""):
+  if x is None:
+    return "n/a"
+  if isinstance(x, (int, float)):
+    if x != x:  # NaN
+      return "n/a"
+    return f"{x:,.{digits}f}{unit}"
+  return str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return out + [""]
+
+
+def _spread(t: dict) -> str:
+  return f"{_f(t['min_s'], 3)}-{_f(t['max_s'], 3)}"
+
+
+def _error(section: dict) -> list[str]:
+  return [f"**Not measured: {section['error'][:600]}**", ""] if "error" in section else []
+
+
+def _meta(section: dict) -> str:
+  parts = []
+  if "load1_before" in section:
+    parts.append(f"1-min load {section['load1_before']} before")
+  if "load1_after" in section:
+    parts.append(f"{section['load1_after']} after")
+  if "seconds" in section:
+    parts.append(f"section wall time {section['seconds']:.0f}s")
+  if "measured_at" in section:
+    parts.append(f"measured {section['measured_at']}")
+  return "_" + ", ".join(parts) + "_" if parts else ""
+
+
+# --- sections -------------------------------------------------------------------------------------------------
+
+
+def gemm_lines(g: dict) -> list[str]:
+  rows = [[k, _f(v, 1)] for k, v in sorted(g["gflops"].items())]
+  return (["Best of 5 square matmuls per library, dtype and size (n x n @ n x n, all cores):", ""]
+          + _table(["library/dtype/n", "GFLOP/s"], rows)
+          + [f"fp32 peak (MFU denominator): **{_f(g['peak_fp32_gflops'], 1)} GFLOP/s** ({g['peak_fp32_source']}); "
+             f"bf16 best: {_f(g.get('peak_bf16_gflops'), 1)} GFLOP/s ({g.get('peak_bf16_source')}).", ""])
+
+
+def pretrain_lines(p: dict) -> list[str]:
+  lines = _error(p)
+  if "error" in p:
+    return lines
+  lines += [_meta(p), ""]
+  lines += ["GEMM peak measured at the start of this section:", ""] + gemm_lines(p["gemm"])
+  for shape, s in p["shapes"].items():
+    lines += [f"### {shape} ({s['params_m']}M params in the HF model; batch {s['batch_size']} pairs x "
+              f"{s['length']} tokens; masked-position caps {s['max_predictions']}; "
+              f"{s['warmup']} warm-up + {s['repeats']} timed steps each, round-robin)", ""]
+    rows = []
+    for name, r in s["rows"].items():
+      rows.append([name, _f(r["median_s"], 3), _spread(r), _f(r["pairs_per_s"], 2), _f(r["seq_per_s"], 2),
+                   _f(r["flops_per_step"] / 1e9, 1), _f(r["model_gflops_per_s"], 1), _f(100 * r["mfu"], 1, "%"),
+                   _f(r["first_step_s"], 1)])
+    lines += _table(["contender", "median s/step", "min-max s", "pairs/s", "seq/s (2 per pair)",
+                     "model GFLOP/step", "model GFLOP/s", "MFU", "first step s (compile)"], rows)
+    lines += ["Speed ratios (torch median time / JAX median time; > 1 means JAX is faster):", ""]
+    lines += _table(["JAX vs PyTorch", "ratio"], [[k, _f(v, 2, "x")] for k, v in s["ratios"].items()])
+    diffs = ", ".join(f"{k} {_f(v, 6)}" for k, v in s["loss_abs_diff_vs_torch_full"].items() if k != "torch/full")
+    lines += [f"Same objective, same weights: deterministic loss of torch/full = {_f(s['eval_losses']['torch/full'], 5)}; "
+              f"|difference| of the others: {diffs}.", ""]
+  return lines
+
+
+def mote_lines(m: dict) -> list[str]:
+  lines = _error(m)
+  if "error" in m:
+    return lines
+  lines += [_meta(m), ""]
+  rows = []
+  for mode, r in m["rows"].items():
+    cost = r.get("xla_cost", {})
+    rows.append([mode, _f(r["median_s"], 3), _spread(r), r["runs"], _f(r["params_m"], 1),
+                 _f(cost.get("flops", float("nan")) / 1e9, 2), _f(r["compile_s"], 1)])
+  lines += _table(["tower mode", "median s/step", "min-max s", "runs", "params (M)", "XLA cost GFLOP",
+                   "compile s"], rows)
+  lines += [f"**mote / siamese step time: {_f(m['mote_over_siamese'], 3)}x** (ratio of medians; median of "
+            f"per-round ratios {_f(m['mote_over_siamese_per_round_median'], 3)}x). Target <= 1.05x. "
+            f"Shape {m['shape']}, batch {m['batch_size']} x {m['length']}, production objective.", ""]
+  return lines
+
+
+def encode_lines(e: dict) -> list[str]:
+  lines = _error(e)
+  if "error" in e:
+    return lines
+  lines += [_meta(e), ""]
+  lines += [f"{e['passages']} SciFact passages (title + text), max_length {e['max_length']} "
+            f"(mean {e['mean_tokens']:.0f} tokens, {100 * e['truncated_fraction']:.0f}% truncated), pooling "
+            f"{e['pooling']}, normalize {e['normalize']}; {e['warmup']} warm-up + {e['repeats']} timed passes each, "
+            f"round-robin, tokenisation included.", ""]
+  rows = [[name, _f(r["median_s"], 2), _spread(r), _f(r["passages_per_s"], 1), _f(r["min_cosine_vs_st"], 6),
+           _f(r["max_abs_diff_vs_st"], 7)] for name, r in e["rows"].items()]
+  lines += _table(["contender", "median s/pass", "min-max s", "passages/s", "min cosine vs st/bs32",
+                   "max abs diff"], rows)
+  lines += [f"**JAX / sentence-transformers (default batch 32): {_f(e['jax_over_st'], 2)}x; vs the best "
+            f"sentence-transformers setting: {_f(e['jax_over_best_st'], 2)}x** (target >= 1.5x).", ""]
+  return lines
+
+
+def search_lines(s: dict) -> list[str]:
+  lines = _error(s)
+  if "error" in s:
+    return lines
+  lines += [_meta(s), ""]
+  lines += [f"{s['rows']:,} x {s['dim']} clustered unit vectors ({s['clusters']:,} clusters), {s['queries']} queries, "
+            f"top-{s['k']}; generation {s['generate_s']}s; {s['warmup']} warm-up + {s['repeats']} timed searches "
+            f"of all queries per row.", ""]
+  rows = []
+  for name, m in s["methods"].items():
+    rows.append([name, _f(m["queries_per_s"], 0), _f(m["median_s"], 3), _spread(m), _f(m["recall"], 4),
+                 _f(m["build_s"], 1), _f(m["index_mb"], 0), _f(m.get("rss_growth_mb"), 0)])
+  lines += _table(["method", "queries/s", "median s", "min-max s", "recall@10", "build s", "index MB (serialised)",
+                   "RSS growth MB"], rows)
+  lines += ["ScaNN search-time sweep on the same index (leaves searched, candidates reordered):", ""]
+  lines += _table(["setting", "queries/s", "recall@10"],
+                  [[k, _f(v["queries_per_s"], 0), _f(v["recall"], 4)] for k, v in s["scann_sweep"].items()])
+  lines += [f"**ScaNN (default config) / best exact: {_f(s['scann_default_speedup_vs_best_exact'], 1)}x queries/s**; "
+            f"fastest sweep setting with recall@10 >= 0.95: {s['scann_best_at_095']} at "
+            f"{_f(s['scann_best_at_095_speedup_vs_best_exact'], 1)}x (target >= 20x at recall@10 >= 0.95).", ""]
+  return lines
+
+
+def scaling_lines(s: dict) -> list[str]:
+  lines = _error(s)
+  if "error" in s:
+    return lines
+  lines += [_meta(s), ""]
+  rows = []
+  for r in s["rows"]:
+    if "error" in r:
+      rows.append([r["batch_size"], r["length"], "error", r["error"][:80], "", "", "", "", ""])
+      continue
+    mem = r.get("xla_memory", {})
+    rows.append([r["batch_size"], r["length"], _f(r["median_s"], 3), _f(r["pairs_per_s"], 2),
+                 _f(r["tokens_per_s"], 0), _f(r["model_gflops_per_s"], 1), _f(r["peak_rss_mb"], 0),
+                 _f(mem.get("temp_size_mb"), 0), _f(mem.get("argument_size_mb"), 0)])
+  lines += _table(["batch (pairs)", "length", "median s/step", "pairs/s", "tokens/s", "model GFLOP/s",
+                   "peak RSS MB (process)", "XLA temp MB", "XLA args MB"], rows)
+  return lines
+
+
+def variants_lines(v: dict) -> list[str]:
+  lines = _error(v)
+  if "error" in v:
+    return lines
+  lines += [_meta(v), ""]
+  rows = [[name, _f(r["median_s"], 3), _spread(r), _f(r["speedup_vs_baseline"], 3, "x"), _f(r["compile_s"], 1),
+           _f(r["first_loss"], 4)] for name, r in v["rows"].items()]
+  lines += _table(["variant (MiniLM step)", "median s/step", "min-max s", "speed vs baseline", "compile s",
+                   "first-step loss"], rows)
+  if "dpa_vs_einsum_same_dropout" in v:
+    lines += [f"`jax.nn.dot_product_attention` vs the einsum attention at the same (zero) attention dropout: "
+              f"{_f(v['dpa_vs_einsum_same_dropout'], 3)}x.", ""]
+  loop = v.get("loop", {})
+  if loop:
+    k = loop["steps_per_call"]
+    lines += [f"Loop overlap ({k} steps per timed call): wait for every step (as `Trainer.train` does) "
+              f"{_f(loop['sync_every_step']['per_step_s'], 3)} s/step; dispatch ahead "
+              f"{_f(loop['dispatch_ahead']['per_step_s'], 3)} s/step. Host work per step: a fresh masked batch "
+              f"{_f(1000 * v['host_batch_prep']['median_s'], 1)} ms (this benchmark's numpy masking), "
+              f"`global_batch` {_f(1000 * v['global_batch_s'], 2)} ms.", ""]
+  return lines
+
+
+def flags_lines(f: dict) -> list[str]:
+  lines = _error(f)
+  if "error" in f:
+    return lines
+  lines += [_meta(f), ""]
+  rows = []
+  for name, r in f["rows"].items():
+    setting = " ".join(filter(None, [r.get("flags", ""), " ".join(f"{k}={v}" for k, v in r.get("env", {}).items())]))
+    if "error" in r:
+      rows.append([name, f"`{setting}`", "error: " + r["error"][:100], "", "", "", ""])
+      continue
+    g = r.get("gemm_gflops", {})
+    rows.append([name, f"`{setting}`" if setting else "", _f(r["median_s"], 3), _f(r.get("speedup_vs_default"), 3, "x"),
+                 _f(r["compile_s"], 1), _f(g.get("jax/float32/2048"), 0), _f(g.get("jax/bfloat16/2048"), 0)])
+  lines += _table(["setting", "XLA_FLAGS / env", "median s/step", "speed vs default", "compile s",
+                   "jax fp32 matmul 2048 GFLOP/s", "jax bf16 matmul GFLOP/s"], rows)
+  return lines
+
+
+def profile_lines(p: dict) -> list[str]:
+  lines = _error(p)
+  if "error" in p:
+    return lines
+  lines += [f"_load {p.get('load1')}; {p['traced_steps']} traced steps; step wall time (median) "
+            f"{_f(p['step_wall_s_median'], 3)} s; XLA thunk time {p['thunk_ms_per_step']} ms/step_", ""]
+  lines += [f"Model FLOPs per step (hand count, `model_flops_per_step`): {_f(p['model_flops_per_step'] / 1e9, 1)} G; "
+            f"XLA cost analysis of the compiled step: {_f(p['xla_cost_flops'] / 1e9, 1)} GFLOP, "
+            f"{_f(p['xla_cost_bytes'] / 2**30, 2)} GiB accessed. Dot FLOPs in the profiled thunks: "
+            f"{p['gemm_gflop_per_step']} G/step, run at **{_f(p['gemm_gflops_per_s'], 1)} GFLOP/s** inside the step "
+            f"(vs {p['jax_matmul_gflops']} for a large square matmul).", ""]
+  lines += _table(["kind", "ms/step"], [[k, v] for k, v in p["by_kind_ms"].items()])
+  lines += _table(["model part", "ms/step"], [[k, v] for k, v in p["by_part_ms"].items()])
+  lines += ["Top thunks:", ""]
+  lines += _table(["thunk", "ms/step", "output", "GFLOP/s", "source op"],
+                  [[t["thunk"], t["ms_per_step"], f"`{t['shape'].split('{')[0]}`", _f(t["gflops_per_s"], 1),
+                    f"`{t['op_name']}`"] for t in p["top_thunks"]])
+  return lines
+
+
+SECTIONS = [
+    ("gemm", "Measured GEMM peak", lambda g: (_error(g) or ([_meta(g), ""] + gemm_lines(g)))),
+    ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
+    ("mote", "2. MoTE overhead: mote vs siamese", mote_lines),
+    ("encode", "3. Encoding: JAX Embedder vs sentence-transformers", encode_lines),
+    ("search", "4. Search: ScaNN vs exact brute force (1M x 384)", search_lines),
+    ("scaling", "5. Scaling of the MiniLM step with batch size and sequence length", scaling_lines),
+    ("variants", "7a. Optimisation experiments (in process)", variants_lines),
+    ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
+    ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
+]
+
+
+def targets(results: dict) -> list[list]:
+  rows = []
+  p = results.get("pretrain", {}).get("shapes", {})
+  for shape, s in p.items():
+    r = s["ratios"]
+    for name, target in (("jax/masked vs torch/eager/full", 2.0), ("jax/masked vs torch/eager/masked", 2.0),
+                         ("jax/masked vs torch/compile/masked", 1.0)):
+      if name in r:
+        rows.append([f"{shape}: {name}", f">= {target}x", _f(r[name], 2, "x"), "yes" if r[name] >= target else "no"])
+    if "jax/masked" in s["rows"]:
+      mfu = s["rows"]["jax/masked"]["mfu"]
+      rows.append([f"{shape}: jax/masked MFU", ">= 70%", _f(100 * mfu, 1, "%"), "yes" if mfu >= 0.7 else "no"])
+  m = results.get("mote", {})
+  if "mote_over_siamese" in m:
+    rows.append(["mote / siamese step time", "<= 1.05x", _f(m["mote_over_siamese"], 3, "x"),
+                 "yes" if m["mote_over_siamese"] <= 1.05 else "no"])
+  e = results.get("encode", {})
+  if "jax_over_st" in e:
+    rows.append(["encoding JAX / sentence-transformers", ">= 1.5x", _f(e["jax_over_st"], 2, "x"),
+                 "yes" if e["jax_over_st"] >= 1.5 else "no"])
+  s = results.get("search", {})
+  if "scann_default_speedup_vs_best_exact" in s:
+    d = s["methods"]["scann/default"]
+    ok = s["scann_default_speedup_vs_best_exact"] >= 20 and d["recall"] >= 0.95
+    rows.append(["ScaNN (default) / best exact queries/s, recall@10", ">= 20x at >= 0.95",
+                 f"{_f(s['scann_default_speedup_vs_best_exact'], 1)}x at {_f(d['recall'], 3)}", "yes" if ok else "no"])
+    if s.get("scann_best_at_095_speedup_vs_best_exact"):
+      v = s["scann_best_at_095_speedup_vs_best_exact"]
+      rows.append(["ScaNN (fastest swept setting at recall >= 0.95) / best exact", ">= 20x", _f(v, 1, "x"),
+                   "yes" if v >= 20 else "no"])
+  return rows
+
+
+def render(results: dict, command: str) -> str:
+  machine = results.get("machine", {})
+  lines = ["# mote_jax benchmarks", "",
+           f"Regenerate with `{command}` from the repository root (about 20 minutes on 2 cores; `--quick` for a "
+           f"small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
+           f"`benchmarks/results.json`). Generated {datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
+  if machine:
+    v = machine.get("versions", {})
+    lines += ["## Machine", "",
+              f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gb')} GB RAM; "
+              f"ISA: {', '.join(machine.get('isa', []))}",
+              "- no GPU; fp32 unless stated; every library uses all cores (2 threads)",
+              "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
+              f"- 1-min load average when the run started: {machine.get('load1')} (other jobs share this machine; "
+              f"each section notes the load before/after, and contenders are timed round-robin within a section "
+              f"so that a load change affects them alike)",
+              ""]
+    if machine.get("notes"):
+      lines += [f"- {n}" for n in machine["notes"]] + [""]
+  rows = targets(results)
+  if rows:
+    lines += ["## Targets", ""] + _table(["target", "wanted", "measured", "met"], rows)
+  for key, title, fn in SECTIONS:
+    if key in results:
+      lines += [f"## {title}", ""] + fn(results[key])
+    if key == "scaling":
+      lines += ["## 6. GPU bf16 pre-training step", "",
+                "Not run: no GPU is available to this task (CPU-only machine, the lent GPU machine was not "
+                "granted). `python -m benchmarks` has no GPU section; the JAX step itself runs unchanged on a GPU "
+                "backend with `MoteConfig(dtype='bfloat16')`.", ""]
+  if ANALYSIS.exists():
+    lines += [ANALYSIS.read_text().strip(), ""]
+  return "\n".join(lines)

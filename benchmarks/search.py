@@ -1,0 +1,128 @@
+"""Section 4: ScaNN vs exact brute-force top-10 search on 1M x 384 clustered unit vectors.
+
+Data: `mote_jax.retrieval.benchmark.clustered_vectors` (10,000 clusters, noise 1, effective dimension ~64 like
+all-MiniLM-L6-v2's SciFact embeddings), queries from the same mixture. Exact contenders: NumPy matmul +
+argpartition (`benchmark.exact_topk`), faiss-cpu `IndexFlatIP`, and `mote_jax.retrieval.exact_search` (XLA).
+ScaNN: `build_scann` with the default `ScannConfig` (1,000 leaves, 159 searched, SOAR, AH, reorder 250), searched
+with `search_batched_parallel`, plus a sweep of leaves_to_search / reorder on the same index. Recall@10 is
+against the NumPy exact result. Index memory: serialised size, and the RSS growth while building.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import load1, section_main, summary
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/statm", encoding="utf-8") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _dir_mb(path: Path) -> float:
+  return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def _timed(fn, warmup: int, repeats: int):
+  out = None
+  for _ in range(warmup):
+    out = fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - start)
+  return out, summary(times)
+
+
+def run(quick: bool = False, rows: int | None = None, num_queries: int | None = None) -> dict:
+  import faiss
+  import jax
+
+  from mote_jax.retrieval import benchmark as rb
+  from mote_jax.retrieval.search import ScannConfig, build_scann, exact_search, recall_at_k
+
+  rows = rows or (20_000 if quick else 1_000_000)
+  num_queries = num_queries or (100 if quick else 1000)
+  dim, k = 384, 10
+  warmup, repeats = (1, 2) if quick else (1, 5)
+  clusters = 200 if quick else 10_000
+  result = {"rows": rows, "dim": dim, "queries": num_queries, "k": k, "clusters": clusters,
+            "load1_before": load1(), "warmup": warmup, "repeats": repeats}
+  start = time.perf_counter()
+  corpus, mixture = rb.clustered_vectors(rows, dim, clusters=clusters, noise=1.0, seed=0)
+  queries, _ = rb.clustered_vectors(num_queries, dim, noise=1.0, seed=1, mixture=mixture)
+  result["generate_s"] = round(time.perf_counter() - start, 1)
+  result["corpus_mb"] = round(corpus.nbytes / 2**20, 1)
+  methods = {}
+
+  # Exact, NumPy (the reference).
+  exact, t = _timed(lambda: rb.exact_topk(queries, corpus, k), warmup, repeats)
+  methods["exact/numpy"] = dict(t, build_s=0.0, index_mb=result["corpus_mb"], recall=1.0)
+
+  # Exact, faiss IndexFlatIP.
+  rss = _rss_mb()
+  start = time.perf_counter()
+  index = faiss.IndexFlatIP(dim)
+  index.add(corpus)
+  build = time.perf_counter() - start
+  flat_mb = _rss_mb() - rss
+  (_, found), t = _timed(lambda: index.search(queries, k), warmup, repeats)
+  methods["exact/faiss-flat"] = dict(t, build_s=build, index_mb=len(faiss.serialize_index(index)) / 2**20,
+                                     rss_growth_mb=flat_mb, recall=recall_at_k(found, exact, k),
+                                     faiss_threads=faiss.omp_get_max_threads())
+  del index
+  gc.collect()
+
+  # Exact, mote_jax's XLA search (one CPU device).
+  (_, found), t = _timed(lambda: exact_search(queries, corpus, k, devices=jax.devices()[:1]), warmup, repeats)
+  methods["exact/mote_jax"] = dict(t, build_s=0.0, index_mb=result["corpus_mb"], recall=recall_at_k(found, exact, k))
+
+  # ScaNN, default ScannConfig.
+  config = ScannConfig()
+  leaves, to_search = config.leaves(rows)
+  rss = _rss_mb()
+  start = time.perf_counter()
+  searcher = build_scann(corpus, k, config)
+  build = time.perf_counter() - start
+  growth = _rss_mb() - rss
+  with tempfile.TemporaryDirectory() as tmp:
+    searcher.serialize(tmp)
+    serialized = _dir_mb(Path(tmp))
+  sweep = {}
+  grid = [(to_search, config.reorder)]
+  if not quick:
+    grid += [(100, 250), (64, 250), (48, 200), (32, 150), (24, 100)]
+  for leaves_to_search, reorder in grid:
+    leaves_to_search = min(leaves_to_search, leaves)
+    fn = lambda: searcher.search_batched_parallel(  # noqa: E731
+        queries, final_num_neighbors=k, leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=reorder)
+    (found, _), t = _timed(fn, warmup, repeats)
+    sweep[f"leaves_to_search={leaves_to_search},reorder={reorder}"] = dict(
+        t, recall=recall_at_k(np.asarray(found), exact, k), queries_per_s=num_queries / t["median_s"])
+  default_key = next(iter(sweep))
+  methods["scann/default"] = dict(sweep[default_key], build_s=build, index_mb=serialized, rss_growth_mb=growth,
+                                  num_leaves=leaves, leaves_to_search=to_search, reorder=config.reorder)
+  for name, m in methods.items():
+    m["queries_per_s"] = num_queries / m["median_s"]
+  best_exact = max((m["queries_per_s"] for n, m in methods.items() if n.startswith("exact/")))
+  qualifying = {n: s for n, s in sweep.items() if s["recall"] >= 0.95}
+  best = max(qualifying, key=lambda n: qualifying[n]["queries_per_s"]) if qualifying else None
+  result.update(
+      methods=methods, scann_sweep=sweep,
+      scann_default_speedup_vs_best_exact=methods["scann/default"]["queries_per_s"] / best_exact,
+      scann_best_at_095=best,
+      scann_best_at_095_speedup_vs_best_exact=(qualifying[best]["queries_per_s"] / best_exact) if best else None,
+      load1_after=load1())
+  return result
+
+
+if __name__ == "__main__":
+  section_main("search", run)

@@ -1,0 +1,218 @@
+"""Section "variants": optimisation experiments on the JAX MiniLM-L6 pre-training step (B=8, L=128), in process.
+
+Every variant is the real `Trainer` step with one change, timed round-robin against the production baseline
+(mote, fp32, MLM logits at masked positions 48/72, dropout 0.1 on hidden states and attention probabilities):
+
+  accuracy-by-max        the MLM accuracy metric as `target logit >= max logit` instead of `argmax == label`
+                         (a variadic (value, index) reduce over the 30,522-word vocabulary is slow on XLA:CPU)
+  bias-grad-by-dot       the MLM head's output-bias gradient as ones @ dlogits (a GEMV) instead of XLA's
+                         column reduction of dlogits, which XLA:CPU's YNNPACK reduce fusion runs very slowly
+  no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
+  dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
+                         (attention dropout 0: the fused call has no dropout)
+  no-dropout             hidden_dropout=attention_dropout=0: what the dropout masks (threefry bits) cost
+  bf16                   compute dtype bfloat16 (params and optimizer fp32, logits/softmax/LayerNorm fp32)
+  remat                  rematerialise each layer in the backward pass
+  scan                   `nn.scan` over layers instead of a Python loop
+and the training-loop overlap experiment: K steps that each wait for the step's result (what `Trainer.train`
+does, it reads the non-finite counter every step) vs K steps dispatched back to back with the next host batch
+prepared while the previous step runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import load1, section_main, summary, time_interleaved
+
+ALL = ("accuracy-by-max+bias-grad-by-dot", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16",
+       "remat", "scan")
+MORE = ("accuracy-by-max", "bias-grad-by-dot")  # each half of the first variant, on request (--options)
+
+
+def _dpa_attention_class():
+  """A `SelfAttention` with the same parameters whose core is `jax.nn.dot_product_attention`."""
+  from mote_jax.model import layers
+
+  class DotProductSelfAttention(layers.SelfAttention):
+    @nn.compact
+    def __call__(self, x, mask_bias, deterministic: bool):
+      cfg = self.config
+      init = nn.initializers.normal(cfg.initializer_range)
+      n, d, dt = cfg.num_heads, cfg.head_dim, cfg.compute_dtype
+      param = lambda name, init_fn, names, shape: self.param(  # noqa: E731
+          name, nn.with_logical_partitioning(init_fn, names), shape, cfg.storage_dtype).astype(dt)
+
+      def project(name):
+        kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
+        bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
+        return jnp.einsum("blh,hnd->blnd", x, kernel) + bias
+
+      q, k, v = project("query"), project("key"), project("value")
+      context = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(dt), scale=d ** -0.5)
+      out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
+      out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
+      out = jnp.einsum("blnd,ndh->blh", context, out_kernel) + out_bias
+      out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+      return layers.LayerNorm(cfg, name="output_layer_norm")(out + x)
+
+  return DotProductSelfAttention
+
+
+def _token_cross_entropy_by_max(logits, labels):
+  """`losses.token_cross_entropy` with accuracy as `target >= max` (the max is shared with logsumexp)."""
+  from mote_jax.objectives.losses import IGNORE_INDEX
+  logits = logits.astype(jnp.float32)
+  valid = labels != IGNORE_INDEX
+  safe_labels = jnp.where(valid, labels, 0)
+  top = jax.lax.stop_gradient(logits.max(-1))
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+  nll = jnp.where(valid, log_z - target, 0.0)
+  correct = jnp.where(valid, target >= top, False)
+  return {"sum": nll.sum(), "correct": correct.sum().astype(jnp.float32), "count": valid.sum().astype(jnp.float32)}
+
+
+@jax.custom_vjp
+def _add_bias(logits, bias):
+  return logits + bias
+
+
+def _add_bias_fwd(logits, bias):
+  return logits + bias, None
+
+
+def _add_bias_bwd(_, g):
+  rows = g.reshape(-1, g.shape[-1])
+  return g, jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def _mlm_head_class():
+  """An `MLMHead` with the same parameters whose bias gradient is a GEMV."""
+  from mote_jax.model import layers
+
+  class MLMHeadBiasByDot(layers.MLMHead):
+    @nn.compact
+    def __call__(self, hidden, word_embeddings):
+      cfg = self.config
+      init = nn.initializers.normal(cfg.initializer_range)
+      x = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                   kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), name="transform")(hidden)
+      x = layers.LayerNorm(cfg, name="transform_layer_norm")(jax.nn.gelu(x, approximate=False))
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+                        cfg.storage_dtype)
+      logits = jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T, preferred_element_type=jnp.float32)
+      return _add_bias(logits, bias.astype(jnp.float32))
+
+  return MLMHeadBiasByDot
+
+
+class _patched:
+  """While active (only tracing needs it), module attributes are replaced: {(module, name): value}."""
+
+  def __init__(self, replacements: dict):
+    self.replacements = replacements
+
+  def __enter__(self):
+    self._saved = {key: getattr(key[0], key[1]) for key in self.replacements}
+    for (module, name), value in self.replacements.items():
+      setattr(module, name, value)
+
+  def __exit__(self, *exc):
+    for (module, name), value in self._saved.items():
+      setattr(module, name, value)
+
+
+def _patches(name: str) -> dict:
+  from mote_jax.model import encoder, layers
+  from mote_jax.objectives import losses
+  out = {}
+  if "accuracy-by-max" in name:
+    out[(losses, "token_cross_entropy")] = _token_cross_entropy_by_max
+  if "bias-grad-by-dot" in name:
+    out[(encoder, "MLMHead")] = _mlm_head_class()
+  if name == "dot-product-attention":
+    out[(layers, "SelfAttention")] = _dpa_attention_class()
+  return out
+
+
+def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
+  from benchmarks import data, jax_step
+  from mote_jax.objectives import ObjectiveConfig
+
+  shape = shape or ("tiny" if quick else "minilm")
+  batch_size, length = (2, 32) if quick else (8, 128)
+  warmup, repeats = (1, 2) if quick else (1, 5)
+  variants = list(variants or ALL)
+  built = jax_step.build_shape(shape)
+  decoder = jax_step.decoder_params(built)
+  batch = data.pair_batch(batch_size, length)
+  p_enc, p_dec = jax_step.max_predictions(length)
+  objective = ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec)
+  overrides = {"no-attention-dropout": {"attention_dropout": 0.0}, "dot-product-attention": {"attention_dropout": 0.0},
+               "no-dropout": {"attention_dropout": 0.0, "hidden_dropout": 0.0}, "bf16": {"dtype": "bfloat16"},
+               "remat": {"remat": True}, "scan": {"scan_layers": True}}
+  result = {"shape": shape, "batch_size": batch_size, "length": length, "load1_before": load1(), "rows": {}}
+  fns, info = {}, {}
+  for name in ["baseline"] + variants:
+    step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
+                            model_overrides=overrides.get(name))
+    with _patched(_patches(name)):
+      loss = step(batch)
+    info[name] = {"compile_s": round(step.compile_s, 2), "first_loss": loss}
+    fns[name] = (lambda s: lambda: s(batch))(step)
+    print(f"[bench] variant {name}: compile {step.compile_s:.1f}s, loss {loss:.4f}", flush=True)
+  timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
+  base = timings["baseline"]["median_s"]
+  for name, t in timings.items():
+    result["rows"][name] = dict(t, **info[name], speedup_vs_baseline=base / t["median_s"])
+  if "dot-product-attention" in timings and "no-attention-dropout" in timings:
+    result["dpa_vs_einsum_same_dropout"] = (timings["no-attention-dropout"]["median_s"]
+                                            / timings["dot-product-attention"]["median_s"])
+  del fns
+  gc.collect()
+
+  # Training-loop overlap: per-step sync (Trainer.train) vs back-to-back dispatch.
+  step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length)
+  step(batch)
+  host_batches = [data.pair_batch(batch_size, length, seed=s) for s in range(2)]
+  prep = []
+  for s in range(5):
+    start = time.perf_counter()
+    data.pair_batch(batch_size, length, seed=100 + s)
+    prep.append(time.perf_counter() - start)
+  k = 3 if quick else 5
+
+  def synced():
+    for i in range(k):
+      float(step.dispatch(host_batches[i % 2])["finite"])
+
+  def pipelined():
+    metrics = [step.dispatch(host_batches[i % 2]) for i in range(k)]
+    jax.block_until_ready(metrics)
+    [float(m["finite"]) for m in metrics]
+
+  loop = time_interleaved({"sync_every_step": synced, "dispatch_ahead": pipelined}, warmup=1,
+                          repeats=2 if quick else 3)
+  result["loop"] = {name: dict(t, per_step_s=t["median_s"] / k) for name, t in loop.items()}
+  result["loop"]["steps_per_call"] = k
+  result["host_batch_prep"] = summary(prep)  # numpy masking of a fresh batch (the benchmark's own pipeline)
+  start = time.perf_counter()
+  for _ in range(20):
+    jax.block_until_ready(step.global_batch(host_batches[0]))
+  result["global_batch_s"] = (time.perf_counter() - start) / 20
+  result["load1_after"] = load1()
+  return result
+
+
+if __name__ == "__main__":
+  section_main("variants", run)

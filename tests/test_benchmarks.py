@@ -1,0 +1,71 @@
+"""Smoke test of the `benchmarks` package at tiny sizes: every code path that produces a figure, not the figures.
+
+The full benchmarks are `python -m benchmarks` (see benchmarks/RESULTS.md); these checks keep them runnable: the
+PyTorch reference computes the same loss as the JAX objective, the JAX step is `Trainer`'s, the encoders agree,
+the search contenders return the exact neighbours, the profile parser finds the dots, and the report renders.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gemm, pretrain, profile, report
+from benchmarks.common import REPO, clean_env
+
+
+def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
+  contenders = ["jax/masked", "torch/eager/full", "torch/eager/masked"]
+  result = pretrain.bench_shape("tiny", batch_size=2, length=32, warmup=0, repeats=1, peak_gflops=100.0,
+                                contenders=contenders)
+  assert set(result["rows"]) == set(contenders)
+  # Same weights, same batch, dropout off: the independent PyTorch CoT-MAE gives the JAX objective's loss.
+  for name, diff in result["loss_abs_diff_vs_torch_full"].items():
+    assert diff <= 1e-4, (name, diff)
+  assert result["rows"]["jax/masked"]["flops_per_step"] < result["rows"]["torch/eager/full"]["flops_per_step"]
+  for row in result["rows"].values():
+    assert row["median_s"] > 0 and 0 < row["mfu"] < 10
+  assert "jax/masked vs torch/eager/full" in result["ratios"]
+
+
+def test_encode_section_matches_sentence_transformers(data_dir):
+  from benchmarks import encode
+  result = encode.run(quick=True, num_passages=2)
+  assert result["rows"]["jax/fp32"]["min_cosine_vs_st"] >= 0.9999
+  assert result["jax_over_st"] > 0
+
+
+def test_search_section_small():
+  from benchmarks import search
+  result = search.run(quick=True, rows=3000, num_queries=20)
+  assert result["methods"]["exact/faiss-flat"]["recall"] == 1.0
+  assert result["methods"]["exact/mote_jax"]["recall"] == 1.0
+  assert 0.0 < result["methods"]["scann/default"]["recall"] <= 1.0
+
+
+def test_profile_parser_counts_dot_flops():
+  f = jax.jit(lambda a, b: jax.nn.gelu(a @ b).sum())
+  a = jnp.ones((64, 32))
+  b = jnp.ones((32, 16))
+  hlo = profile.parse_hlo(f.lower(a, b).compile().as_text())
+  assert max(i["dot_flops"] for i in hlo.values()) == 2 * 64 * 32 * 16
+
+
+def test_gemm_and_report_render(tmp_path):
+  peak = gemm.measure(sizes=(128,), repeats=1, libraries=("jax", "numpy"))
+  assert peak["peak_fp32_gflops"] > 0
+  text = report.render({"machine": {"cpu": "x", "cores": 2, "versions": {}}, "gemm": peak}, "python -m benchmarks")
+  assert "## Measured GEMM peak" in text and peak["peak_fp32_source"] in text
+
+
+def test_cli_runs_a_section(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "gemm", "--out", str(out)],
+                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["gemm"]["peak_fp32_gflops"] > 0
+  assert "fp32 peak" in out.read_text()
