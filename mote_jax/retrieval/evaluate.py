@@ -36,12 +36,15 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), partitioner: Partitioner | None = None,
              measures: Sequence[str] = metrics.DEFAULT_MEASURES, allow_unknown_ids: bool = False,
-             corpus_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+             corpus_dir: str | os.PathLike | None = None, recall_check_max_docs: int = 2_000_000
+             ) -> dict[str, Any]:
   """Encodes the corpus (passage expert) and the judged queries (query expert) of `split`, retrieves the top
   `k` per query by `method` ("exact" or "scann"), and scores the run with `measures`.
 
   Returns the report (also written to out_dir/report-<split>-<method>.json): {"metrics": {name: value}, ...}.
   `corpus_dir` (default out_dir/corpus) lets evaluations of several splits share one corpus encoding.
+  With method "scann" and at most `recall_check_max_docs` documents, the report also holds ScaNN's recall@10
+  against exact search of the same embeddings (report["search"]["recall_vs_exact_at_10"]), so the approximation is visible.
   """
   start = time.perf_counter()
   out_dir = Path(out_dir)
@@ -72,6 +75,10 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
       leaves, to_search = scann_config.leaves(scann_config.max_rows_per_index or len(corpus_store))
       search_report.update(scann=dataclasses.asdict(scann_config), num_leaves=leaves,
                            num_leaves_to_search=to_search)
+      if len(corpus_store) <= recall_check_max_docs:
+        _, exact_indices = search.search(query_store.load(), corpus_store, 10, "exact")
+        search_report["recall_vs_exact_at_10"] = round(search.recall_at_k(indices, exact_indices, 10), 4)
+        log.info("ScaNN recall@10 against exact search: %.4f", search_report["recall_vs_exact_at_10"])
     report = {
         "dataset": data.name, "beir_dir": str(beir_dir), "split": split,
         "num_queries": len(data.queries), "num_documents": len(data.corpus),
