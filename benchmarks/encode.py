@@ -19,40 +19,13 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return (a * b).sum(1)
 
 
-def encode_consecutive(embedder, tokenizer, texts, expert: str, batch_size: int = 64, max_length: int = 256,
-                       length_step: int = 32) -> np.ndarray:
-  """The alternative batching proposed for `encode_texts`: length-sorted texts in consecutive batches of
-  `batch_size`, each padded to its longest text's bucket (a multiple of `length_step`), so only the very last
-  batch has empty rows (`encode_texts` groups texts by bucket first, and pads every bucket's last batch)."""
-  from mote_jax.retrieval.encode import tokenize
-  tokens = tokenize(tokenizer, texts, max_length)
-  lengths = np.array([len(t) for t in tokens])
-  order = np.argsort(-lengths, kind="stable")
-  out = np.zeros((len(texts), embedder.dim), np.float32)
-  for start in range(0, len(texts), batch_size):
-    chunk = order[start:start + batch_size]
-    length = int(min(max_length, -(-lengths[chunk].max() // length_step) * length_step))
-    ids = np.zeros((batch_size, length), np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    mask[:, 0] = 1
-    for r, i in enumerate(chunk):
-      ids[r, :lengths[i]] = tokens[i]
-      mask[r, :lengths[i]] = 1
-    out[chunk] = embedder(ids, mask, expert)[:len(chunk)]
-  return out
-
-
-def padded_tokens(lengths: np.ndarray, batch_size: int, max_length: int, length_step: int, consecutive: bool) -> int:
-  """Token positions (rows x padded length) a batching computes, for the padding-waste figures."""
+def padded_tokens(lengths: np.ndarray, batch_size: int, max_length: int, length_step: int) -> int:
+  """Token positions (rows x padded length) that `encode_texts` computes: length-sorted consecutive batches,
+  each padded to the bucket of its longest text (for the padding-waste figure)."""
   buckets = np.append(np.arange(length_step, max_length, length_step), max_length)
-  if consecutive:
-    ordered = np.sort(lengths)[::-1]
-    total = 0
-    for start in range(0, len(ordered), batch_size):
-      total += batch_size * int(buckets[np.searchsorted(buckets, ordered[start])])
-    return total
-  bucket_of = np.searchsorted(buckets, lengths)
-  return int(sum(-(-np.sum(bucket_of == b) // batch_size) * batch_size * buckets[b] for b in range(len(buckets))))
+  ordered = np.sort(lengths)[::-1]
+  return sum(batch_size * int(buckets[np.searchsorted(buckets, ordered[start])])
+             for start in range(0, len(ordered), batch_size))
 
 
 def run(quick: bool = False, num_passages: int | None = None, variants: bool = True) -> dict:
@@ -93,15 +66,9 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
         outputs[name] = st.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     return fn
 
-  def consecutive_fn(name):
-    def fn():
-      outputs[name] = encode_consecutive(embedders["jax/fp32"], tok, texts, "passage", options.batch_size)
-    return fn
-
   fns = {"jax/fp32": jax_fn("jax/fp32", options.batch_size), "st/bs32": st_fn("st/bs32", 32)}
   if variants and not quick:
     fns["st/bs64"] = st_fn("st/bs64", 64)
-    fns["jax/fp32 consecutive batches"] = consecutive_fn("jax/fp32 consecutive batches")
     fns["jax/bf16"] = jax_fn("jax/bf16", options.batch_size)
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
   reference = outputs["st/bs32"]
@@ -112,8 +79,7 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
                       max_abs_diff_vs_st=float(np.abs(outputs[name] - reference).max()))
   lengths = np.array(lengths)
   padding = {"real_tokens": int(lengths.sum()),
-             "encode_texts_tokens": padded_tokens(lengths, options.batch_size, 256, options.length_step, False),
-             "consecutive_tokens": padded_tokens(lengths, options.batch_size, 256, options.length_step, True),
+             "encode_texts_tokens": padded_tokens(lengths, options.batch_size, 256, options.length_step),
              "st_bs32_tokens": int(sum(len(c) * c.max() for c in np.array_split(np.sort(lengths)[::-1],
                                                                                  -(-n // 32))))}
   return {"passages": n, "max_length": 256, "mean_tokens": float(np.mean(lengths)), "padding": padding,

@@ -65,7 +65,7 @@ class Embeddings(nn.Module):
                                      embedding_init=_partitioned(init, (None, "embed")))
     self.token_type_embeddings = embed(cfg.type_vocab_size, embedding_init=_partitioned(init, (None, "embed")))
     self.layer_norm = LayerNorm(cfg)
-    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
 
   def __call__(self, input_ids, token_type_ids, deterministic: bool):
     """input_ids, token_type_ids: int [B, L] -> [B, L, H]."""
@@ -97,21 +97,31 @@ class SelfAttention(nn.Module):
     param = lambda name, init_fn, names, shape: self.param(  # noqa: E731
         name, _partitioned(init_fn, names), shape, cfg.storage_dtype).astype(dt)
 
-    def project(name):  # [B, L, H] -> [B, L, N, D]
+    # Head-major layout ([B, N, L, D]) throughout: both attention products are then plain batched GEMMs. With
+    # the sequence-major [B, L, N, D] layout XLA:CPU ran the probs @ values product at ~33 GFLOP/s, two thirds
+    # of an encoding pass (benchmarks/RESULTS.md, encoding).
+    def project(name):  # [B, L, H] -> [B, N, L, D]
       kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
       bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
-      return jnp.einsum("blh,hnd->blnd", x, kernel) + bias
+      return jnp.einsum("blh,hnd->bnld", x, kernel) + bias[:, None, :]
 
     q, k, v = project("query"), project("key"), project("value")
     q = q * jnp.asarray(d ** -0.5, dt)
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) + mask_bias
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # [B, N, L, L]
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32) + mask_bias
+    if deterministic:
+      # Inference: normalise the [B, N, L, D] context instead of the [B, N, L, L] probabilities (one pass less
+      # over the largest tensor; the same softmax).
+      weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+      context = (jnp.einsum("bnqk,bnkd->bnqd", weights.astype(dt), v, preferred_element_type=jnp.float32)
+                 / weights.sum(axis=-1, keepdims=True)).astype(dt)
+    else:
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # [B, N, L, L]
+      probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+      context = jnp.einsum("bnqk,bnkd->bnqd", probs, v)
     out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
     out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
-    out = jnp.einsum("blnd,ndh->blh", context, out_kernel) + out_bias
-    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = jnp.einsum("bnld,ndh->blh", context, out_kernel) + out_bias
+    out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return LayerNorm(cfg, name="output_layer_norm")(out + x)
 
 
@@ -147,7 +157,7 @@ class ExpertFFN(nn.Module):
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     hidden = jax.nn.gelu(hidden, approximate=False)
     out = jnp.dot(hidden, wo[expert_index].astype(dt)) + bo[expert_index].astype(dt)  # [B, L, H]
-    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return layer_norm(out + x, ln_scale[expert_index], ln_bias[expert_index], cfg.layer_norm_eps)
 
 
@@ -190,6 +200,30 @@ class LayerStack(nn.Module):
     return x
 
 
+class Dropout(nn.Module):
+  """Inverted dropout, as `nn.Dropout`, drawing 16 random bits per element: two elements per threefry word.
+
+  `nn.Dropout` spends one threefry2x32 evaluation per element; on CPU those random bits were ~10% of the MiniLM
+  pre-training step (benchmarks/RESULTS.md, profile). The drop probability is `rate` rounded to 1/65536. The
+  bits are drawn along the last axis only, so leading (batch) axes keep their sharding and, as with threefry
+  generally, the mask does not depend on the mesh.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    *lead, n = x.shape
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, (n + 1) // 2), jnp.uint32)
+    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :n]
+    keep = bits >= jnp.uint32(round(self.rate * 65536))
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
 class MLMHead(nn.Module):
   """BERT's MLM head: dense + GELU + LayerNorm transform; the decoder is tied to the word embeddings."""
 
@@ -212,4 +246,24 @@ class MLMHead(nn.Module):
     bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                       cfg.storage_dtype)
     logits = jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T, preferred_element_type=jnp.float32)
-    return logits + bias.astype(jnp.float32)
+    return add_vocab_bias(logits, bias.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def add_vocab_bias(logits, bias):
+  """logits [..., V] + bias [V], whose bias gradient is a GEMV (ones @ dlogits) rather than XLA's column
+  reduction of the [N, V] cotangent, which XLA:CPU runs at a fraction of memory speed (~35 ms of a 0.74 s
+  MiniLM pre-training step; benchmarks/RESULTS.md). Same values and gradients."""
+  return logits + bias
+
+
+def _add_vocab_bias_fwd(logits, bias):
+  return logits + bias, None
+
+
+def _add_vocab_bias_bwd(_, g):
+  rows = g.reshape(-1, g.shape[-1])
+  return g, jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+
+
+add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)

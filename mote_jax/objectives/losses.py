@@ -28,14 +28,19 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> dict[str, jax.A
   Returns float32 scalars {"sum": summed CE, "correct": argmax hits, "count": predicted positions}; the mean
   `sum / count` equals torch `CrossEntropyLoss(ignore_index=-100)` (which is NaN for count 0, where
   `finalize` gives 0).
+
+  A hit is `target logit >= max logit` (argmax == label up to exact ties): the max is the one logsumexp needs
+  anyway, while a separate argmax is a (value, index) reduction over the vocabulary that XLA:CPU runs slowly
+  (~60 ms of a 0.74 s MiniLM step; benchmarks/RESULTS.md).
   """
   logits = logits.astype(jnp.float32)
   valid = labels != IGNORE_INDEX
   safe_labels = jnp.where(valid, labels, 0)  # any in-range id; the position is masked out below
+  top = jax.lax.stop_gradient(logits.max(axis=-1))
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
   nll = jnp.where(valid, log_z - target, 0.0)
-  correct = jnp.where(valid, jnp.argmax(logits, axis=-1) == labels, False)
+  correct = jnp.where(valid, target >= top, False)
   return {"sum": nll.sum(), "correct": correct.sum().astype(jnp.float32),
           "count": valid.sum().astype(jnp.float32)}
 

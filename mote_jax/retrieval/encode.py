@@ -159,9 +159,11 @@ def encode_texts(embedder: Embedder, tokenizer, texts: Sequence[str], expert: st
                  on_batch: Callable[[int], None] | None = None) -> np.ndarray:
   """This process's `texts` -> embeddings [len(texts), H] float32, in input order.
 
-  Texts run longest first in batches of one padded length (a bucket); the last batch of a bucket is padded with
-  empty rows. A collective in multi-process runs: every process calls it (with its own texts, possibly none).
-  `on_batch(n)` is told the number of real texts of each batch (for progress bars).
+  Texts run longest first in consecutive batches of `batch_size`, each padded to the bucket (a multiple of
+  `length_step`) of its longest text: only the very last batch has empty rows, and there are at most
+  max_length / length_step compiled shapes. A collective in multi-process runs: every process calls it (with its
+  own texts, possibly none) and the processes agree on each call's padded length. `on_batch(n)` is told the
+  number of real texts of each batch (for progress bars).
   """
   rows = _local_batch_rows(embedder, options)
   buckets = options.buckets()
@@ -169,27 +171,29 @@ def encode_texts(embedder: Embedder, tokenizer, texts: Sequence[str], expert: st
   lengths = np.array([len(t) for t in tokens], dtype=np.int64)
   if len(lengths) and lengths.max() > options.max_length:
     raise ValueError(f"tokenizer returned {lengths.max()} tokens with max_length={options.max_length}")
-  bucket_of = np.searchsorted(buckets, lengths)  # the first bucket that holds each text
   order = np.argsort(-lengths, kind="stable")  # longest first: memory trouble shows up in the first batch
-  members = [order[bucket_of[order] == b] for b in range(len(buckets))]
-  counts = _max_over_processes(np.array([math.ceil(len(m) / rows) for m in members], dtype=np.int64))
+  chunks = [order[start:start + rows] for start in range(0, len(order), rows)]
+  num_batches = int(_max_over_processes(np.array([len(chunks)], dtype=np.int64))[0])
+  padded = np.zeros(num_batches, np.int64)  # 0: this process has no batch there
+  for j, chunk in enumerate(chunks):
+    padded[j] = buckets[np.searchsorted(buckets, lengths[chunk[0]])]
+  padded = _max_over_processes(padded)
 
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else embedder.config.pad_token_id
   out = np.zeros((len(texts), embedder.dim), np.float32)
-  for b in reversed(range(len(buckets))):
-    length = int(buckets[b])
-    for j in range(int(counts[b])):
-      chunk = members[b][j * rows:(j + 1) * rows]  # empty when other processes have more of this bucket
-      input_ids = np.full((rows, length), pad_id, np.int32)
-      mask = np.zeros((rows, length), np.int32)
-      mask[:, 0] = 1  # padding rows attend to one token, so no row is fully masked
-      for r, i in enumerate(chunk):
-        input_ids[r, :lengths[i]] = tokens[i]
-        mask[r, :lengths[i]] = 1
-      embeddings = embedder(input_ids, mask, expert)
-      out[chunk] = embeddings[:len(chunk)]
-      if on_batch is not None and len(chunk):
-        on_batch(len(chunk))
+  for j in range(num_batches):
+    length = int(padded[j])
+    chunk = chunks[j] if j < len(chunks) else order[:0]  # empty when other processes have more batches
+    input_ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    mask[:, 0] = 1  # padding rows attend to one token, so no row is fully masked
+    for r, i in enumerate(chunk):
+      input_ids[r, :lengths[i]] = tokens[i]
+      mask[r, :lengths[i]] = 1
+    embeddings = embedder(input_ids, mask, expert)
+    out[chunk] = embeddings[:len(chunk)]
+    if on_batch is not None and len(chunk):
+      on_batch(len(chunk))
   return out
 
 

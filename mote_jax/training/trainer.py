@@ -158,13 +158,17 @@ class Trainer:
     (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A non-finite step is skipped: params and optimizer state stay, the data stream moves on.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+    def apply(_):
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    # A non-finite step is skipped: params and optimizer state stay, the data stream moves on. A conditional
+    # rather than a select per parameter: the update runs only when applied, with no extra pass over the state.
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
     skipped = (~finite).astype(jnp.int32)
     new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, opt_state=opt_state,
         nonfinite=state.nonfinite + skipped, consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped)
     applied_updates = state.step - state.nonfinite  # the optimizer's own count: skipped steps do not count
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
