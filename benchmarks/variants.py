@@ -2,7 +2,7 @@
 
 Every variant is the real `Trainer` step with one change, timed round-robin against the production baseline
 (mote, fp32, MLM logits at masked positions 48/72, dropout 0.1 on hidden states and attention probabilities).
-The first three undo an optimisation that production adopted after this section measured it:
+The first five undo an optimisation that production adopted after this section measured it:
 
   argmax-accuracy        the MLM accuracy metric as `argmax == label` (production: `target logit >= max logit`,
                          sharing logsumexp's max; a variadic (value, index) reduce over 30,522 words is slow
@@ -11,6 +11,8 @@ The first three undo an optimisation that production adopted after this section 
                          `layers.add_vocab_bias`, a GEMV ones @ dlogits)
   dropout-32bit          `nn.Dropout`, one threefry evaluation per element (production: `layers.Dropout`, 16
                          bits per element, two elements per threefry word)
+  sequence-major-attention  attention in the [B, L, N, D] layout (production: head-major [B, N, L, D])
+  select-skip            the non-finite step skip as a select per parameter and moment (production: lax.cond)
   no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
   dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
                          (attention dropout 0: the fused call has no dropout)
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 
 from benchmarks.common import load1, section_main, summary, time_interleaved
 
-ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "no-attention-dropout", "dot-product-attention",
-       "no-dropout", "bf16", "remat", "scan")
+ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
+       "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
 def _dpa_attention_class():
@@ -67,6 +69,59 @@ def _dpa_attention_class():
   return DotProductSelfAttention
 
 
+def sequence_major_attention_class():
+  """`SelfAttention` as it was before the head-major layout: q, k, v, context as [B, L, N, D]."""
+  from mote_jax.model import layers
+
+  class SequenceMajorSelfAttention(layers.SelfAttention):
+    @nn.compact
+    def __call__(self, x, mask_bias, deterministic: bool):
+      cfg = self.config
+      init = nn.initializers.normal(cfg.initializer_range)
+      n, d, dt = cfg.num_heads, cfg.head_dim, cfg.compute_dtype
+      param = lambda name, init_fn, names, shape: self.param(  # noqa: E731
+          name, nn.with_logical_partitioning(init_fn, names), shape, cfg.storage_dtype).astype(dt)
+
+      def project(name):
+        kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
+        bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
+        return jnp.einsum("blh,hnd->blnd", x, kernel) + bias
+
+      q, k, v = project("query"), project("key"), project("value")
+      q = q * jnp.asarray(d ** -0.5, dt)
+      logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) + mask_bias
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      probs = layers.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+      context = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+      out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
+      out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
+      out = jnp.einsum("blnd,ndh->blh", context, out_kernel) + out_bias
+      out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+      return layers.LayerNorm(cfg, name="output_layer_norm")(out + x)
+
+  return SequenceMajorSelfAttention
+
+
+def _train_step_with_select(self, state, batch):
+  """`Trainer._train_step` as it was: the update always runs, then a select per array keeps the old state."""
+  import optax
+  from mote_jax.training.trainer import TrainState
+  rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
+  (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  skipped = (~finite).astype(jnp.int32)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state), nonfinite=state.nonfinite + skipped,
+                         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                 learning_rate=self.schedule(state.step - state.nonfinite))
+  return new_state, metrics
+
+
 def _token_cross_entropy_by_argmax(logits, labels):
   """`losses.token_cross_entropy` as it was: accuracy from a separate argmax over the vocabulary."""
   from mote_jax.objectives.losses import IGNORE_INDEX
@@ -84,7 +139,7 @@ def _add_bias_plain(logits, bias):
   return logits + bias
 
 
-class _patched:
+class patched:
   """While active (only tracing needs it), module attributes are replaced: {(module, name): value}."""
 
   def __init__(self, replacements: dict):
@@ -103,7 +158,10 @@ class _patched:
 def _patches(name: str) -> dict:
   from mote_jax.model import layers
   from mote_jax.objectives import losses
+  from mote_jax.training import trainer
   return {"argmax-accuracy": {(losses, "token_cross_entropy"): _token_cross_entropy_by_argmax},
+          "sequence-major-attention": {(layers, "SelfAttention"): sequence_major_attention_class()},
+          "select-skip": {(trainer.Trainer, "_train_step"): _train_step_with_select},
           "bias-grad-by-reduce": {(layers, "add_vocab_bias"): _add_bias_plain},
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
           "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()}}.get(name, {})
@@ -128,9 +186,9 @@ def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
   result = {"shape": shape, "batch_size": batch_size, "length": length, "load1_before": load1(), "rows": {}}
   fns, info = {}, {}
   for name in ["baseline"] + variants:
-    step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
-                            model_overrides=overrides.get(name))
-    with _patched(_patches(name)):
+    with patched(_patches(name)):  # the step is built and traced with the variant's code
+      step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
+                              model_overrides=overrides.get(name))
       loss = step(batch)
     info[name] = {"compile_s": round(step.compile_s, 2), "first_loss": loss}
     fns[name] = (lambda s: lambda: s(batch))(step)
