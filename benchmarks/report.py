@@ -248,10 +248,15 @@ def targets(results: dict) -> list[list]:
   p = results.get("pretrain", {}).get("shapes", {})
   for shape, s in p.items():
     r = s["ratios"]
-    for name, target in (("jax/masked vs torch/eager/full", 2.0), ("jax/masked vs torch/eager/masked", 2.0),
-                         ("jax/masked vs torch/compile/masked", 1.0)):
+    # The reference is the official recipe's objective (full-vocabulary MLM logits); the "masked" torch rows give
+    # torch the same masked-position logits as the JAX step: a stricter comparison, shown beside it.
+    for name, target, note in (("jax/masked vs torch/eager/full", 2.0, " (the reference)"),
+                               ("jax/masked vs torch/compile/full", 1.0, ""),
+                               ("jax/masked vs torch/eager/masked", 2.0, " (stricter: torch with masked logits too)"),
+                               ("jax/masked vs torch/compile/masked", 1.0, " (stricter)")):
       if name in r:
-        rows.append([f"{shape}: {name}", f">= {target}x", _f(r[name], 2, "x"), "yes" if r[name] >= target else "no"])
+        rows.append([f"{shape}: {name}{note}", f">= {target}x", _f(r[name], 2, "x"),
+                     "yes" if r[name] >= target else "no"])
     if "jax/masked" in s["rows"]:
       mfu = s["rows"]["jax/masked"]["mfu"]
       rows.append([f"{shape}: jax/masked MFU", ">= 70%", _f(100 * mfu, 1, "%"), "yes" if mfu >= 0.7 else "no"])
@@ -278,9 +283,10 @@ def targets(results: dict) -> list[list]:
 
 def render(results: dict, command: str) -> str:
   machine = results.get("machine", {})
+  minutes = sum(results[key].get("seconds", 0.0) for key, _, _ in SECTIONS if key in results) / 60
   lines = ["# mote_jax benchmarks", "",
-           f"Regenerate with `{command}` from the repository root (about 20 minutes on 2 cores; `--quick` for a "
-           f"small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
+           f"Regenerate with `{command}` from the repository root (the sections below took {minutes:.0f} minutes "
+           f"on 2 cores, plus waits for a quiet machine; `--quick` for a small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
            f"`benchmarks/results.json`). Generated {datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
   if machine:
     v = machine.get("versions", {})

@@ -126,7 +126,8 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
     fn = lambda: searcher.search_batched_parallel(  # noqa: E731
         queries, final_num_neighbors=k, leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=tuned.reorder)
     (found, _), t = _timed(fn, warmup, repeats)
-    sweep[f"tuned (leaves={tuned_leaves}, 4 dims/block): leaves_to_search={leaves_to_search},reorder={tuned.reorder}"] = dict(
+    name = f"tuned (leaves={tuned_leaves}, 4 dims/block): leaves_to_search={leaves_to_search},reorder={tuned.reorder}"
+    sweep[name] = dict(
         t, recall=recall_at_k(np.asarray(found), exact, k), queries_per_s=num_queries / t["median_s"],
         build_s=tuned_build)
   del searcher

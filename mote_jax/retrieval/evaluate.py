@@ -44,7 +44,7 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
   Returns the report (also written to out_dir/report-<split>-<method>.json): {"metrics": {name: value}, ...}.
   `corpus_dir` (default out_dir/corpus) lets evaluations of several splits share one corpus encoding.
   With method "scann" and at most `recall_check_max_docs` documents, the report also holds ScaNN's recall@10
-  against exact search of the same embeddings (report["search"]["recall_vs_exact_at_10"]), so the approximation is visible.
+  against exact search of the same embeddings (report["search"]["recall_vs_exact_at_10"]).
   """
   start = time.perf_counter()
   out_dir = Path(out_dir)
