@@ -40,37 +40,9 @@ ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-majo
        "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
-def _dpa_attention_class():
-  """A `SelfAttention` with the same parameters whose core is `jax.nn.dot_product_attention`."""
-  from mote_jax.model import layers
-
-  class DotProductSelfAttention(layers.SelfAttention):
-    @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool):
-      cfg = self.config
-      init = nn.initializers.normal(cfg.initializer_range)
-      n, d, dt = cfg.num_heads, cfg.head_dim, cfg.compute_dtype
-      param = lambda name, init_fn, names, shape: self.param(  # noqa: E731
-          name, nn.with_logical_partitioning(init_fn, names), shape, cfg.storage_dtype).astype(dt)
-
-      def project(name):
-        kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
-        bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
-        return jnp.einsum("blh,hnd->blnd", x, kernel) + bias
-
-      q, k, v = project("query"), project("key"), project("value")
-      context = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(dt), scale=d ** -0.5)
-      out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
-      out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
-      out = jnp.einsum("blnd,ndh->blh", context, out_kernel) + out_bias
-      out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
-      return layers.LayerNorm(cfg, name="output_layer_norm")(out + x)
-
-  return DotProductSelfAttention
-
-
-def sequence_major_attention_class():
-  """`SelfAttention` as it was before the head-major layout: q, k, v, context as [B, L, N, D]."""
+def _sequence_major_attention(core):
+  """A `SelfAttention` with the same parameters in the [B, L, N, D] layout whose attention core is
+  `core(q, k, v, mask_bias, cfg, deterministic, module) -> context` ([B, L, N, D] each)."""
   from mote_jax.model import layers
 
   class SequenceMajorSelfAttention(layers.SelfAttention):
@@ -87,12 +59,7 @@ def sequence_major_attention_class():
         bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
         return jnp.einsum("blh,hnd->blnd", x, kernel) + bias
 
-      q, k, v = project("query"), project("key"), project("value")
-      q = q * jnp.asarray(d ** -0.5, dt)
-      logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) + mask_bias
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      probs = layers.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-      context = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+      context = core(project("query"), project("key"), project("value"), mask_bias, cfg, deterministic)
       out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
       out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
       out = jnp.einsum("blnd,ndh->blh", context, out_kernel) + out_bias
@@ -100,6 +67,31 @@ def sequence_major_attention_class():
       return layers.LayerNorm(cfg, name="output_layer_norm")(out + x)
 
   return SequenceMajorSelfAttention
+
+
+def _einsum_core(q, k, v, mask_bias, cfg, deterministic):
+  from mote_jax.model import layers
+  dt = cfg.compute_dtype
+  q = q * jnp.asarray(cfg.head_dim ** -0.5, dt)
+  logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) + mask_bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+  probs = layers.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+  return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+
+def _dot_product_attention_core(q, k, v, mask_bias, cfg, deterministic):
+  del deterministic  # the fused call has no dropout
+  return jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(cfg.compute_dtype), scale=cfg.head_dim ** -0.5)
+
+
+def sequence_major_attention_class():
+  """`SelfAttention` as it was before the head-major layout: q, k, v, context as [B, L, N, D]."""
+  return _sequence_major_attention(_einsum_core)
+
+
+def _dpa_attention_class():
+  """A sequence-major `SelfAttention` whose core is `jax.nn.dot_product_attention`."""
+  return _sequence_major_attention(_dot_product_attention_core)
 
 
 def _train_step_with_select(self, state, batch):
