@@ -27,17 +27,11 @@ def one(quick: bool) -> dict:
 
   import jax
 
-  from benchmarks import data, gemm, jax_step
-  from mote_jax.objectives import ObjectiveConfig
+  from benchmarks import gemm, jax_step
 
   shape = "tiny" if quick else "minilm"
   batch_size, length = (2, 32) if quick else (8, 128)
-  built = jax_step.build_shape(shape)
-  decoder = jax_step.decoder_params(built)
-  batch = data.pair_batch(batch_size, length)
-  p_enc, p_dec = jax_step.max_predictions(length)
-  step = jax_step.JaxStep(built, decoder, batch_size=batch_size, length=length,
-                          objective=ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec))
+  step, batch = jax_step.production_step(shape, batch_size, length)
   loss = step(batch)
   t = time_interleaved({"step": lambda: step(batch)}, warmup=1, repeats=2 if quick else 5)["step"]
   matmul = gemm.measure(sizes=(256,) if quick else (2048,), repeats=2 if quick else 5, libraries=("jax",))

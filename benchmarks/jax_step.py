@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from benchmarks.data import minilm_path
+from benchmarks.data import minilm_path, pair_batch
 
 from mote_jax.hf_interop import from_hf
 from mote_jax.jobs.pretrain import model_flops_per_step
@@ -154,3 +154,17 @@ class JaxStep:
       if hasattr(memory, field):
         out[field.replace("_in_bytes", "_mb")] = round(getattr(memory, field) / 2**20, 1)
     return out
+
+
+def production_objective(length: int) -> ObjectiveConfig:
+  """The production objective with masked-position caps sized for `length` (see `max_predictions`)."""
+  p_enc, p_dec = max_predictions(length)
+  return ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec)
+
+
+def production_step(shape_name: str, batch_size: int, length: int, **kwargs) -> tuple[JaxStep, dict]:
+  """(the production `JaxStep` of a named shape, a host batch of `batch_size` pairs x `length` tokens)."""
+  built = build_shape(shape_name)
+  step = JaxStep(built, decoder_params(built), objective=production_objective(length), batch_size=batch_size,
+                 length=length, **kwargs)
+  return step, pair_batch(batch_size, length)

@@ -16,7 +16,6 @@ from benchmarks.common import load1, section_main, time_interleaved
 
 def run(quick: bool = False, shape: str | None = None) -> dict:
   from benchmarks import data, jax_step
-  from mote_jax.objectives import ObjectiveConfig
 
   shape_name = shape or ("tiny" if quick else "minilm")
   batch_size, length = (2, 32) if quick else (8, 128)
@@ -25,8 +24,7 @@ def run(quick: bool = False, shape: str | None = None) -> dict:
   built = jax_step.build_shape(shape_name)
   decoder = jax_step.decoder_params(built)
   batch = data.pair_batch(batch_size, length)
-  p_enc, p_dec = jax_step.max_predictions(length)
-  objective = ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec)
+  objective = jax_step.production_objective(length)
   steps, info = {}, {}
   for mode in ("mote", "siamese"):
     step = jax_step.JaxStep(built, decoder, tower_mode=mode, objective=objective, batch_size=batch_size,

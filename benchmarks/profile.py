@@ -136,18 +136,12 @@ def summarize_trace(path: str, hlo: dict[str, dict], steps: int) -> dict:
 def run(quick: bool = False, shape: str | None = None, steps: int | None = None) -> dict:
   import jax
 
-  from benchmarks import data, gemm, jax_step
-  from mote_jax.objectives import ObjectiveConfig
+  from benchmarks import gemm, jax_step
 
   shape = shape or ("tiny" if quick else "minilm")
   batch_size, length = (2, 32) if quick else (8, 128)
   steps = steps or (2 if quick else 3)
-  built = jax_step.build_shape(shape)
-  decoder = jax_step.decoder_params(built)
-  batch = data.pair_batch(batch_size, length)
-  p_enc, p_dec = jax_step.max_predictions(length)
-  step = jax_step.JaxStep(built, decoder, batch_size=batch_size, length=length,
-                          objective=ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec))
+  step, batch = jax_step.production_step(shape, batch_size, length)
   global_batch = step.global_batch(batch)
   compiled = step.compile(batch)
   cost = step.cost_analysis()

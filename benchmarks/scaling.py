@@ -17,16 +17,10 @@ QUICK = [(2, 32), (4, 32)]
 
 def one(batch_size: int, length: int, shape: str, model_overrides: dict | None = None, warmup: int = 1,
         repeats: int = 5) -> dict:
-  from benchmarks import data, jax_step
-  from mote_jax.objectives import ObjectiveConfig
+  from benchmarks import jax_step
 
-  built = jax_step.build_shape(shape)
-  decoder = jax_step.decoder_params(built)
-  batch = data.pair_batch(batch_size, length)
-  p_enc, p_dec = jax_step.max_predictions(length)
-  objective = ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec)
-  step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
-                          model_overrides=model_overrides)
+  step, batch = jax_step.production_step(shape, batch_size, length, model_overrides=model_overrides)
+  p_enc, p_dec = step.objective.encoder_max_predictions, step.objective.decoder_max_predictions
   rss_before = peak_rss_mb()
   step.compile(batch)
   xla_memory = step.memory_analysis()

@@ -161,7 +161,6 @@ def _patches(name: str) -> dict:
 
 def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
   from benchmarks import data, jax_step
-  from mote_jax.objectives import ObjectiveConfig
 
   shape = shape or ("tiny" if quick else "minilm")
   batch_size, length = (2, 32) if quick else (8, 128)
@@ -170,8 +169,7 @@ def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
   built = jax_step.build_shape(shape)
   decoder = jax_step.decoder_params(built)
   batch = data.pair_batch(batch_size, length)
-  p_enc, p_dec = jax_step.max_predictions(length)
-  objective = ObjectiveConfig(encoder_max_predictions=p_enc, decoder_max_predictions=p_dec)
+  objective = jax_step.production_objective(length)
   overrides = {"no-attention-dropout": {"attention_dropout": 0.0}, "dot-product-attention": {"attention_dropout": 0.0},
                "no-dropout": {"attention_dropout": 0.0, "hidden_dropout": 0.0}, "bf16": {"dtype": "bfloat16"},
                "remat": {"remat": True}, "scan": {"scan_layers": True}}
