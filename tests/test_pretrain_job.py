@@ -14,9 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _command(model_dir, *extra):
+def _command(model_dir, data_dir, *extra):
+  # The corpus comes from the `data_dir` fixture (MOTE_DATA_DIR), not from the config's path relative to the checkout.
   return [sys.executable, "-m", "mote_jax.launch", "--gin_file=runs/pretrain_tiny_smoke.gin",
-          f"--gin.MODEL_DIR={model_dir}", *extra]
+          f"--gin.MODEL_DIR={model_dir}",
+          f"--gin.spans/register_beir_corpus_task.corpus={data_dir / 'scifact' / 'corpus.jsonl'}", *extra]
 
 
 def _env():
@@ -25,16 +27,16 @@ def _env():
   return env
 
 
-def _run(model_dir, *extra, check=True):
-  result = subprocess.run(_command(model_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
+def _run(model_dir, data_dir, *extra, check=True):
+  result = subprocess.run(_command(model_dir, data_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
   if check:
     assert result.returncode == 0, result.stderr[-4000:]
   return result
 
 
-def _start(model_dir, *extra):
-  return subprocess.Popen(_command(model_dir, *extra), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+def _start(model_dir, data_dir, *extra):
+  return subprocess.Popen(_command(model_dir, data_dir, *extra), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -68,7 +70,7 @@ STEPS = ["--gin.NUM_STEPS=24", "--gin.TrainerConfig.checkpoint_every=4"]
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, data_dir):
   model_dir = tmp_path_factory.mktemp("straight")
-  _run(model_dir, *STEPS)
+  _run(model_dir, data_dir, *STEPS)
   return model_dir
 
 
@@ -91,14 +93,14 @@ def test_outputs(straight_run):
   del evals
 
 
-def test_kill_9_then_relaunch_matches_an_uninterrupted_run(straight_run, tmp_path):
+def test_kill_9_then_relaunch_matches_an_uninterrupted_run(straight_run, tmp_path, data_dir):
   model_dir = tmp_path / "killed"
-  process = _start(model_dir, *STEPS)
+  process = _start(model_dir, data_dir, *STEPS)
   _wait_for_checkpoint(model_dir, 8, process)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
   assert not (model_dir / "checkpoints" / "24").exists()
-  result = _run(model_dir, *STEPS)
+  result = _run(model_dir, data_dir, *STEPS)
   assert "resumed from" in result.stderr
   straight, resumed = _final_params(straight_run, 24), _final_params(model_dir, 24)
   assert straight.keys() == resumed.keys()
@@ -107,7 +109,7 @@ def test_kill_9_then_relaunch_matches_an_uninterrupted_run(straight_run, tmp_pat
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
   model_dir = tmp_path / "preempted"
-  process = _start(model_dir, "--gin.NUM_STEPS=100000", "--gin.TrainerConfig.checkpoint_every=1000")
+  process = _start(model_dir, data_dir, "--gin.NUM_STEPS=100000", "--gin.TrainerConfig.checkpoint_every=1000")
   deadline = time.time() + 300
   def training_logged():  # a training record (not only the step-0 held-out evaluation)
     path = model_dir / "metrics.jsonl"
