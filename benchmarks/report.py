@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -29,7 +28,7 @@ def _spread(t: dict) -> str:
 
 
 def _error(section: dict) -> list[str]:
-  return [f"**Not measured: {section['error'][:600]}**", ""] if "error" in section else []
+  return [f"**Not measured: {section['error'][:600]}**", ""]
 
 
 def _meta(section: dict) -> str:
@@ -57,10 +56,7 @@ def gemm_lines(g: dict) -> list[str]:
 
 
 def pretrain_lines(p: dict) -> list[str]:
-  lines = _error(p)
-  if "error" in p:
-    return lines
-  lines += [_meta(p), ""]
+  lines = []
   lines += ["GEMM peak measured at the start of this section:", ""] + gemm_lines(p["gemm"])
   for shape, s in p["shapes"].items():
     lines += [f"### {shape} ({s['params_m']}M params in the HF model; batch {s['batch_size']} pairs x "
@@ -82,10 +78,7 @@ def pretrain_lines(p: dict) -> list[str]:
 
 
 def mote_lines(m: dict) -> list[str]:
-  lines = _error(m)
-  if "error" in m:
-    return lines
-  lines += [_meta(m), ""]
+  lines = []
   rows = []
   for mode, r in m["rows"].items():
     cost = r.get("xla_cost", {})
@@ -100,10 +93,7 @@ def mote_lines(m: dict) -> list[str]:
 
 
 def encode_lines(e: dict) -> list[str]:
-  lines = _error(e)
-  if "error" in e:
-    return lines
-  lines += [_meta(e), ""]
+  lines = []
   lines += [f"{e['passages']} SciFact passages (title + text), max_length {e['max_length']} "
             f"(mean {e['mean_tokens']:.0f} tokens, {100 * e['truncated_fraction']:.0f}% truncated), pooling "
             f"{e['pooling']}, normalize {e['normalize']}; {e['warmup']} warm-up + {e['repeats']} timed passes each, "
@@ -123,10 +113,7 @@ def encode_lines(e: dict) -> list[str]:
 
 
 def search_lines(s: dict) -> list[str]:
-  lines = _error(s)
-  if "error" in s:
-    return lines
-  lines += [_meta(s), ""]
+  lines = []
   best_exact = max(m["queries_per_s"] for n, m in s["methods"].items() if n.startswith("exact/"))
   lines += [f"{s['rows']:,} x {s['dim']} clustered unit vectors ({s['clusters']:,} clusters), {s['queries']} queries, "
             f"top-{s['k']}; generation {s['generate_s']}s; {s['warmup']} warm-up + {s['repeats']} timed searches "
@@ -150,10 +137,7 @@ def search_lines(s: dict) -> list[str]:
 
 
 def scaling_lines(s: dict) -> list[str]:
-  lines = _error(s)
-  if "error" in s:
-    return lines
-  lines += [_meta(s), ""]
+  lines = []
   rows = []
   for r in s["rows"]:
     if "error" in r:
@@ -169,10 +153,7 @@ def scaling_lines(s: dict) -> list[str]:
 
 
 def variants_lines(v: dict) -> list[str]:
-  lines = _error(v)
-  if "error" in v:
-    return lines
-  lines += [_meta(v), ""]
+  lines = []
   rows = [[name, _f(r["median_s"], 3), _spread(r), _f(r["speedup_vs_baseline"], 3, "x"), _f(r["compile_s"], 1),
            _f(r["first_loss"], 4)] for name, r in v["rows"].items()]
   lines += _table(["variant (MiniLM step)", "median s/step", "min-max s", "speed vs baseline", "compile s",
@@ -192,10 +173,7 @@ def variants_lines(v: dict) -> list[str]:
 
 
 def flags_lines(f: dict) -> list[str]:
-  lines = _error(f)
-  if "error" in f:
-    return lines
-  lines += [_meta(f), ""]
+  lines = []
   rows = []
   for name, r in f["rows"].items():
     setting = " ".join(filter(None, [r.get("flags", ""), " ".join(f"{k}={v}" for k, v in r.get("env", {}).items())]))
@@ -211,9 +189,7 @@ def flags_lines(f: dict) -> list[str]:
 
 
 def profile_lines(p: dict) -> list[str]:
-  lines = _error(p)
-  if "error" in p:
-    return lines
+  lines = []
   lines += [f"_load {p.get('load1')}; {p['traced_steps']} traced steps; step wall time (median) "
             f"{_f(p['step_wall_s_median'], 3)} s; XLA thunk time {p['thunk_ms_per_step']} ms/step_", ""]
   lines += [f"Model FLOPs per step (hand count, `model_flops_per_step`): {_f(p['model_flops_per_step'] / 1e9, 1)} G; "
@@ -231,7 +207,7 @@ def profile_lines(p: dict) -> list[str]:
 
 
 SECTIONS = [
-    ("gemm", "Measured GEMM peak", lambda g: (_error(g) or ([_meta(g), ""] + gemm_lines(g)))),
+    ("gemm", "Measured GEMM peak", gemm_lines),
     ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
     ("mote", "2. MoTE overhead: mote vs siamese", mote_lines),
     ("encode", "3. Encoding: JAX Embedder vs sentence-transformers", encode_lines),
@@ -284,10 +260,12 @@ def targets(results: dict) -> list[list]:
 def render(results: dict, command: str) -> str:
   machine = results.get("machine", {})
   minutes = sum(results[key].get("seconds", 0.0) for key, _, _ in SECTIONS if key in results) / 60
+  times = sorted(results[key]["measured_at"] for key, _, _ in SECTIONS if "measured_at" in results.get(key, {}))
+  measured = f"{times[0]} to {times[-1]}" if times else "(no section measured)"
   lines = ["# mote_jax benchmarks", "",
            f"Regenerate with `{command}` from the repository root (the sections below took {minutes:.0f} minutes "
            f"on 2 cores, plus waits for a quiet machine; `--quick` for a small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
-           f"`benchmarks/results.json`). Generated {datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
+           f"`benchmarks/results.json`). Sections measured {measured}.", ""]
   if machine:
     v = machine.get("versions", {})
     lines += ["## Machine", "",
@@ -306,7 +284,10 @@ def render(results: dict, command: str) -> str:
     lines += ["## Targets", ""] + _table(["target", "wanted", "measured", "met"], rows)
   for key, title, fn in SECTIONS:
     if key in results:
-      lines += [f"## {title}", ""] + fn(results[key])
+      section = results[key]
+      lines += [f"## {title}", ""]
+      # A failed section says why; a measured one starts with its load, duration and time, then its body.
+      lines += _error(section) if "error" in section else [_meta(section), ""] + fn(section)
     if key == "scaling":
       lines += ["## 6. GPU bf16 pre-training step", "",
                 "Not run: no GPU is available to this task (CPU-only machine, the lent GPU machine was not "

@@ -59,6 +59,9 @@ def test_gemm_and_report_render(tmp_path):
   assert peak["peak_fp32_gflops"] > 0
   text = report.render({"machine": {"cpu": "x", "cores": 2, "versions": {}}, "gemm": peak}, "python -m benchmarks")
   assert "## Measured GEMM peak" in text and peak["peak_fp32_source"] in text
+  # A section that failed says why instead of rendering its body (which would need the missing figures).
+  failed = report.render({"encode": {"error": "RuntimeError: out of memory", "seconds": 3.0}}, "python -m benchmarks")
+  assert "## 3. Encoding" in failed and "**Not measured: RuntimeError: out of memory**" in failed
 
 
 def test_cli_runs_a_section(tmp_path):
