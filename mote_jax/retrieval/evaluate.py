@@ -64,8 +64,9 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
   report_path = out_dir / f"report-{split}-{method}.json"
   if jax.process_index() == 0:
     corpus_store, query_store = EmbeddingStore.open(corpus_dir), EmbeddingStore.open(queries_dir)
+    query_embeddings = query_store.load()
     search_start = time.perf_counter()
-    scores, indices = search.search(query_store.load(), corpus_store, k, method, scann_config=scann_config)
+    scores, indices = search.search(query_embeddings, corpus_store, k, method, scann_config=scann_config)
     search_seconds = time.perf_counter() - search_start
     run = metrics.ranking_to_run(query_store.ids, corpus_store.ids, scores, indices)
     metrics.write_run(run_path, run, tag=f"mote_jax-{config.tower_mode}-{method}")
@@ -76,7 +77,7 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
       search_report.update(scann=dataclasses.asdict(scann_config), num_leaves=leaves,
                            num_leaves_to_search=to_search)
       if len(corpus_store) <= recall_check_max_docs:
-        _, exact_indices = search.search(query_store.load(), corpus_store, 10, "exact")
+        _, exact_indices = search.search(query_embeddings, corpus_store, 10, "exact")
         search_report["recall_vs_exact_at_10"] = round(search.recall_at_k(indices, exact_indices, 10), 4)
         log.info("ScaNN recall@10 against exact search: %.4f", search_report["recall_vs_exact_at_10"])
     report = {
