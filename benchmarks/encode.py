@@ -34,7 +34,8 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
   from sentence_transformers import SentenceTransformer
 
   from benchmarks import data
-  from benchmarks.variants import patched, sequence_major_attention_class
+  from benchmarks.common import patched
+  from benchmarks.variants import sequence_major_attention_class
   from mote_jax.hf_interop import from_hf
   from mote_jax.model import layers
   from mote_jax.partitioning import MeshConfig, Partitioner

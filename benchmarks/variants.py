@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import load1, section_main, summary, time_interleaved
+from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
        "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
@@ -129,22 +129,6 @@ def _token_cross_entropy_by_argmax(logits, labels):
 
 def _add_bias_plain(logits, bias):
   return logits + bias
-
-
-class patched:
-  """While active (only tracing needs it), module attributes are replaced: {(module, name): value}."""
-
-  def __init__(self, replacements: dict):
-    self.replacements = replacements
-
-  def __enter__(self):
-    self._saved = {key: getattr(key[0], key[1]) for key in self.replacements}
-    for (module, name), value in self.replacements.items():
-      setattr(module, name, value)
-
-  def __exit__(self, *exc):
-    for (module, name), value in self._saved.items():
-      setattr(module, name, value)
 
 
 def _patches(name: str) -> dict:
