@@ -50,6 +50,30 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, cfg.layer_norm_eps)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout, as `nn.Dropout`, drawing 16 random bits per element: two elements per threefry word.
+
+  `nn.Dropout` spends one threefry2x32 evaluation per element; on CPU those random bits were ~10% of the MiniLM
+  pre-training step (benchmarks/RESULTS.md, profile). The drop probability is `rate` rounded to 1/65536. The
+  bits are drawn along the last axis only, so leading (batch) axes keep their sharding and, as with threefry
+  generally, the mask does not depend on the mesh.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    *lead, n = x.shape
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, (n + 1) // 2), jnp.uint32)
+    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :n]
+    keep = bits >= jnp.uint32(round(self.rate * 65536))
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
 class Embeddings(nn.Module):
   """Word + absolute position + token type embeddings, LayerNorm, dropout."""
 
@@ -198,30 +222,6 @@ class LayerStack(nn.Module):
     for i in range(cfg.num_layers):
       x, _ = layer_cls(cfg, self.num_experts, name=f"layer_{i}")(x, mask_bias, expert_index, deterministic)
     return x
-
-
-class Dropout(nn.Module):
-  """Inverted dropout, as `nn.Dropout`, drawing 16 random bits per element: two elements per threefry word.
-
-  `nn.Dropout` spends one threefry2x32 evaluation per element; on CPU those random bits were ~10% of the MiniLM
-  pre-training step (benchmarks/RESULTS.md, profile). The drop probability is `rate` rounded to 1/65536. The
-  bits are drawn along the last axis only, so leading (batch) axes keep their sharding and, as with threefry
-  generally, the mask does not depend on the mesh.
-  """
-
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    if self.rate >= 1.0:
-      return jnp.zeros_like(x)
-    *lead, n = x.shape
-    words = jax.random.bits(self.make_rng("dropout"), (*lead, (n + 1) // 2), jnp.uint32)
-    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :n]
-    keep = bits >= jnp.uint32(round(self.rate * 65536))
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 class MLMHead(nn.Module):
