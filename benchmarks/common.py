@@ -154,10 +154,16 @@ def section_main(name: str, run: Callable[..., dict], argv=None) -> None:
 
 
 def clean_env(xla_flags: str | None = None, extra: dict | None = None) -> dict:
-  """The environment for a benchmark subprocess: one CPU device (no emulated device count), chosen XLA flags."""
-  env = dict(os.environ)
+  """The environment for a benchmark subprocess: one CPU device (no emulated device count), chosen XLA flags,
+  and the glibc malloc settings `mote_jax.launch` runs with (`extra` may override them)."""
+  from mote_jax import host_malloc
+  env = host_malloc.environment()
   env["XLA_FLAGS"] = xla_flags or ""
-  env.update(extra or {})
+  for name, value in (extra or {}).items():  # None: unset
+    if value is None:
+      env.pop(name, None)
+    else:
+      env[name] = value
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("HF_HUB_OFFLINE", "1")
   env.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,7 +1,7 @@
 """Section "flags": XLA:CPU flags and JAX settings for the JAX MiniLM-L6 pre-training step, one process each.
 
 Each setting runs the production step (B=8, L=128, fp32, masked-position logits) and a 2048^3 matmul in a fresh
-process with its XLA_FLAGS / environment. Processes run one after another, so the default is run first and
+process with its XLA_FLAGS / environment (on top of `mote_jax.host_malloc`'s malloc settings, as every section). Processes run one after another, so the default is run first and
 last to bracket any drift of the background load.
 """
 
@@ -19,6 +19,9 @@ SETTINGS = [
     ("no YNNPACK reduce fusion", "--xla_cpu_experimental_ynn_fusion_type=-reduce", {}),
     ("fast math", "--xla_cpu_enable_fast_math=true", {}),
     ("PRNG unsafe_rbg", "", {"JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"}),
+    # glibc's defaults instead of mote_jax.host_malloc's settings (which every other row runs with)
+    ("glibc malloc defaults", "", {name: None for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+                                                           "MALLOC_TRIM_THRESHOLD_")}),
 ]
 
 

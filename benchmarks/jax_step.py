@@ -26,7 +26,7 @@ from mote_jax.hf_interop import from_hf
 from mote_jax.jobs.pretrain import model_flops_per_step
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
-from mote_jax.training.optimizer import OptimizerConfig, expert_axes
+from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
 from mote_jax.training.trainer import Trainer, TrainerConfig
 
 SHAPES = ("tiny", "minilm", "bert-base")
@@ -82,12 +82,14 @@ def decoder_params(shape: Shape, objective: ObjectiveConfig = ObjectiveConfig(),
 
 
 class JaxStep:
-  """The jitted train step of `Trainer` for a `PretrainModel`; `step(host_batch) -> loss` (blocks, as the
-  trainer's loop does every step when it reads the non-finite counter)."""
+  """The jitted train step of `Trainer` for a `PretrainModel`; `step(host_batch) -> loss` (blocks: one step's
+  time, with no overlap of host and device work; `dispatch` does not wait). `static_routing=False` builds the
+  optimizer as before `routed_slices`: a full AdamW pass, then experts with all-zero gradients frozen."""
 
   def __init__(self, shape: Shape, decoder: dict, *, tower_mode: str = "mote",
                objective: ObjectiveConfig = ObjectiveConfig(), batch_size: int = 8, length: int = 128,
                model_overrides: dict | None = None, trainer_overrides: dict | None = None,
+               static_routing: bool = True,
                optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=1000,
                                                             total_steps=100_000)):
     self.partitioner = Partitioner.create(MeshConfig(), devices=jax.devices()[:1])
@@ -108,7 +110,10 @@ class JaxStep:
 
     self._workdir = tempfile.mkdtemp(prefix="bench_trainer_")
     self.trainer = Trainer(TrainerConfig(progress_bar=False, **(trainer_overrides or {})), optimizer,
-                           self.partitioner, loss_fn, self._workdir, shardings, expert_axes(boxed), self.flops)
+                           self.partitioner, loss_fn, self._workdir, shardings, expert_axes(boxed), self.flops,
+                           routed=routed_slices(boxed, [config.route(STREAM.anchor_type),
+                                                        config.route(STREAM.context_type)])
+                           if static_routing else None)
     self.state = self.trainer.init_state(params)
     self.step_fn = self.trainer.compile_step(self.state)  # the jitted step `Trainer.train` runs
     self.compiled = None  # its ahead-of-time compiled executable, once `compile` ran

@@ -1,8 +1,8 @@
 """Section 2: the MoTE overhead, the same `Trainer` step in `mote` vs `siamese` tower mode (target <= 1.05x).
 
 A `mote` call computes one expert, so the forward/backward FLOPs equal siamese's (XLA's cost analysis of both
-compiled steps is reported); what differs is the optimiser: AdamW and `freeze_unrouted_experts` run over every
-expert's parameters (the unrouted one is masked back), and the parameter/optimiser state is larger.
+compiled steps is reported); what differs is the parameter/optimiser state, which is larger. AdamW runs on the
+routed expert only (`optimizer.skip_unrouted`; the variants section times the older full pass).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def search_lines(s: dict) -> list[str]:
   lines += _table(["method", "queries/s", "median s", "min-max s", "recall@10", "build s", "index MB (serialised)",
                    "RSS growth MB"], rows)
   lines += ["ScaNN search-time sweeps (leaves searched, candidates reordered) on the default index and on an index "
-            "tuned for speed (twice the leaves, 4 dimensions per AH block, reorder 400):", ""]
+            "tuned for speed (twice the leaves, spherical k-means, 4 dimensions per AH block):", ""]
   default_build = s["methods"]["scann/default"]["build_s"]
   lines += _table(["setting", "queries/s", "x best exact", "recall@10", "index build s"],
                   [[k, _f(v["queries_per_s"], 0), _f(v["queries_per_s"] / best_exact, 1), _f(v["recall"], 4),
@@ -164,9 +164,10 @@ def variants_lines(v: dict) -> list[str]:
   loop = v.get("loop", {})
   if loop:
     k = loop["steps_per_call"]
-    lines += [f"Loop overlap ({k} steps per timed call): wait for every step (as `Trainer.train` does) "
+    lines += [f"Loop overlap ({k} steps per timed call): wait for every step (as `Trainer.train` did) "
               f"{_f(loop['sync_every_step']['per_step_s'], 3)} s/step; dispatch ahead "
-              f"{_f(loop['dispatch_ahead']['per_step_s'], 3)} s/step. Host work per step: a fresh masked batch "
+              f"{_f(loop['dispatch_ahead']['per_step_s'], 3)} s/step (as `Trainer.train` does between log and "
+              f"checkpoint steps). Host work per step: a fresh masked batch "
               f"{_f(1000 * v['host_batch_prep']['median_s'], 1)} ms (this benchmark's numpy masking), "
               f"`global_batch` {_f(1000 * v['global_batch_s'], 2)} ms.", ""]
   return lines
@@ -176,7 +177,7 @@ def flags_lines(f: dict) -> list[str]:
   lines = []
   rows = []
   for name, r in f["rows"].items():
-    setting = " ".join(filter(None, [r.get("flags", ""), " ".join(f"{k}={v}" for k, v in r.get("env", {}).items())]))
+    setting = " ".join(filter(None, [r.get("flags", ""), " ".join(f"{k}={v}" if v is not None else f"unset {k}" for k, v in r.get("env", {}).items())]))
     if "error" in r:
       rows.append([name, f"`{setting}`", "error: " + r["error"][:100], "", "", "", ""])
       continue
@@ -272,6 +273,9 @@ def render(results: dict, command: str) -> str:
               f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gb')} GB RAM; "
               f"ISA: {', '.join(machine.get('isa', []))}",
               "- no GPU; fp32 unless stated; every library uses all cores (2 threads)",
+              "- every section's process (JAX and PyTorch alike) runs with the glibc malloc settings that "
+              "`mote_jax.launch` applies (`mote_jax/host_malloc.py`: one arena, no mmap'd chunks, no trimming); "
+              "section 7b times the glibc defaults",
               "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
               f"- 1-min load average when the run started: {machine.get('load1')} (other jobs share this machine; "
               f"each section notes the load before/after, and contenders are timed round-robin within a section "

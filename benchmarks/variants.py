@@ -2,7 +2,7 @@
 
 Every variant is the real `Trainer` step with one change, timed round-robin against the production baseline
 (mote, fp32, MLM logits at masked positions 48/72, dropout 0.1 on hidden states and attention probabilities).
-The first five undo an optimisation that production adopted after this section measured it:
+The first six undo an optimisation that production adopted after this section measured it:
 
   argmax-accuracy        the MLM accuracy metric as `argmax == label` (production: `target logit >= max logit`,
                          sharing logsumexp's max; a variadic (value, index) reduce over 30,522 words is slow
@@ -13,6 +13,8 @@ The first five undo an optimisation that production adopted after this section m
                          bits per element, two elements per threefry word)
   sequence-major-attention  attention in the [B, L, N, D] layout (production: head-major [B, N, L, D])
   select-skip            the non-finite step skip as a select per parameter and moment (production: lax.cond)
+  dynamic-expert-freeze  AdamW over every parameter, then experts whose gradient is all zero frozen
+                         (`freeze_unrouted_experts`; production: `skip_unrouted`, AdamW on the routed slices only)
   no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
   dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
                          (attention dropout 0: the fused call has no dropout)
@@ -21,8 +23,8 @@ The first five undo an optimisation that production adopted after this section m
   remat                  rematerialise each layer in the backward pass
   scan                   `nn.scan` over layers instead of a Python loop
 and the training-loop overlap experiment: K steps that each wait for the step's result (what `Trainer.train`
-does, it reads the non-finite counter every step) vs K steps dispatched back to back with the next host batch
-prepared while the previous step runs.
+did when it read the non-finite counter right after every step) vs K steps dispatched back to back with the
+next host batch prepared while the previous step runs (what it does now between log and checkpoint steps).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
-       "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
+       "dynamic-expert-freeze", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
 def _sequence_major_attention(core):
@@ -143,7 +145,7 @@ def _patches(name: str) -> dict:
           "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()}}.get(name, {})
 
 
-def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
+def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool = True) -> dict:
   from benchmarks import data, jax_step
 
   shape = shape or ("tiny" if quick else "minilm")
@@ -162,7 +164,8 @@ def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
   for name in ["baseline"] + variants:
     with patched(_patches(name)):  # the step is built and traced with the variant's code
       step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
-                              model_overrides=overrides.get(name))
+                              model_overrides=overrides.get(name),
+                              static_routing=name != "dynamic-expert-freeze")
       loss = step(batch)
     info[name] = {"compile_s": round(step.compile_s, 2), "first_loss": loss}
     fns[name] = (lambda s: lambda: s(batch))(step)
@@ -176,6 +179,9 @@ def run(quick: bool = False, variants=None, shape: str | None = None) -> dict:
                                             / timings["dot-product-attention"]["median_s"])
   del fns
   gc.collect()
+  if not loop:
+    result["load1_after"] = load1()
+    return result
 
   # Training-loop overlap: per-step sync (Trainer.train) vs back-to-back dispatch.
   step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length)

@@ -14,6 +14,9 @@ none of them (--distributed).
 The run's gin files bind `run.job` to a job function (see mote_jax/jobs); the parsed config is written to
 MODEL_DIR/config.gin before the job starts and the operative config (what the job used) to
 MODEL_DIR/operative_config.gin when it ends.
+
+On Linux the command restarts itself once with glibc malloc settings that keep XLA:CPU's per-step buffers
+resident (mote_jax/host_malloc.py; MOTE_JAX_MALLOC_TUNING=0 opts out).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from mote_jax import host_malloc
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "t5x_configs"
 
@@ -122,6 +127,8 @@ def keep_tensorflow_off_accelerators() -> None:
 
 
 def main(argv: list[str] | None = None):
+  if argv is None:  # a command-line run: restart with the malloc settings that keep XLA's buffers resident
+    host_malloc.reexec_with_settings(["-m", "mote_jax.launch", *sys.argv[1:]])
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
   setup_logging(flags.log_level)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -12,10 +12,12 @@ import optax
 import pytest
 import torch
 
+from mote_jax.model import MoteConfig
+from mote_jax.objectives import ObjectiveConfig, PretrainModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.training.checkpointing import Checkpointer
-from mote_jax.training.optimizer import (OptimizerConfig, decay_mask, expert_axes, learning_rate_schedule,
-                                         make_optimizer)
+from mote_jax.training.optimizer import (OptimizerConfig, Routed, decay_mask, expert_axes, learning_rate_schedule,
+                                         make_optimizer, routed_slices)
 from mote_jax.training.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
 
@@ -58,8 +60,8 @@ def _trainer(tmp_path, num_steps=6, partitioner=None, **overrides):
   partitioner = partitioner or Partitioner.create(MeshConfig(data=8))
   params, shardings = partitioner.init(_init, jax.random.PRNGKey(0))
   boxed = jax.eval_shape(_init, jax.random.PRNGKey(0))
-  config = TrainerConfig(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=2,
-                         async_checkpointing=False, progress_bar=False, **overrides)
+  config = TrainerConfig(**{**dict(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=2,
+                                   async_checkpointing=False, progress_bar=False), **overrides})
   trainer = Trainer(config, OptimizerConfig(learning_rate=0.05, warmup_steps=2, total_steps=num_steps),
                     partitioner, _loss, tmp_path, shardings, expert_axes(boxed))
   return trainer, params
@@ -79,27 +81,69 @@ def test_decay_mask_spares_biases_and_layer_norms():
               "layer_norm_bias": False}}
 
 
-def test_adamw_matches_torch_and_leaves_unrouted_expert_alone():
-  """Three AdamW steps on expert 1 only: expert 1 follows torch.optim.AdamW, expert 0 does not move at all
-  (torch skips a parameter whose .grad is None: no weight decay either)."""
+@pytest.mark.parametrize("routing", ["static", "dynamic"])
+def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
+  """Three AdamW steps (with clipping) on expert 1 only: expert 1 and the shared scale follow
+  torch.optim.AdamW, expert 0 does not move at all (torch skips a parameter whose .grad is None: no weight
+  decay either). `static`: `skip_unrouted` with the routing known up front; `dynamic`: `freeze_unrouted_experts`."""
   boxed = _init(jax.random.PRNGKey(0))
   params = nn.unbox(boxed)
   config = OptimizerConfig(learning_rate=0.01, warmup_steps=0, total_steps=1000, end_learning_rate=0.01,
-                           weight_decay=0.1, max_grad_norm=None)
-  tx = make_optimizer(config, params, expert_axes(boxed))
+                           weight_decay=0.1, max_grad_norm=0.5)
+  if routing == "static":
+    slices = routed_slices({"tower": boxed}, [("tower", 1)])["tower"]
+    assert slices == {"kernel": Routed(0, 1, 2), "bias": Routed(0, 1, 2), "scale": Routed()}
+    tx = make_optimizer(config, params, slices=slices)
+  else:
+    tx = make_optimizer(config, params, expert_axes(boxed))
   state = tx.init(params)
-  torch_w = torch.nn.Parameter(torch.tensor(np.asarray(params["kernel"][1])))
-  torch_opt = torch.optim.AdamW([torch_w], lr=0.01, weight_decay=0.1, eps=1e-8)
+  torch_params = {k: torch.nn.Parameter(torch.tensor(np.asarray(v[1] if k != "scale" else v)))
+                  for k, v in params.items()}
+  torch_opt = torch.optim.AdamW([{"params": [torch_params["kernel"]], "weight_decay": 0.1},
+                                 {"params": [torch_params["bias"], torch_params["scale"]], "weight_decay": 0.0}],
+                                lr=0.01, eps=1e-8)
   batch = next(_batches(0))
   for _ in range(3):
     grads = jax.grad(lambda p: _loss(p, batch, None, True)[0])(params)
     updates, state = tx.update(grads, state, params)
     new = optax.apply_updates(params, updates)
-    np.testing.assert_array_equal(new["kernel"][0], params["kernel"][0])
-    torch_w.grad = torch.tensor(np.asarray(grads["kernel"][1]))
+    for name in ("kernel", "bias"):
+      np.testing.assert_array_equal(new[name][0], params[name][0])
+    for name, w in torch_params.items():
+      w.grad = torch.tensor(np.asarray(grads[name][1] if name != "scale" else grads[name]))
+    torch.nn.utils.clip_grad_norm_(list(torch_params.values()), 0.5)
     torch_opt.step()
-    np.testing.assert_allclose(new["kernel"][1], torch_w.detach().numpy(), atol=1e-6)
+    for name, w in torch_params.items():
+      np.testing.assert_allclose(new[name][1] if name != "scale" else new[name], w.detach().numpy(), atol=1e-6)
     params = new
+  # The optimizer state keeps full parameter shapes (checkpoints do not depend on the routing), and the
+  # unrouted expert's moments stay zero.
+  mu = optax.tree_utils.tree_get(state, "mu")
+  assert mu["kernel"].shape == (2, 8, 4) and not np.asarray(mu["kernel"][0]).any() and np.asarray(mu["kernel"][1]).any()
+
+
+def test_routed_slices_follow_the_tower_mode():
+  """Passage-only pre-training: in `mote` the query expert's FFN slices are skipped and everything shared is
+  routed; in `separated` the whole query tower is skipped; in `siamese` everything is routed."""
+  small = MoteConfig(vocab_size=128, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                     max_position_embeddings=16)
+  for mode in ("mote", "separated", "siamese"):
+    config = small.replace(tower_mode=mode)
+    boxed = jax.eval_shape(PretrainModel(config, ObjectiveConfig(decoder_layers=1)).init, jax.random.PRNGKey(0))
+    slices = routed_slices(boxed, [config.route("passage")])
+    flat = {jax.tree_util.keystr(path): sl for path, sl in jax.tree_util.tree_flatten_with_path(
+        slices, is_leaf=lambda x: isinstance(x, Routed))[0]}
+    expert_leaves = [k for k in flat if "ffn" in k and "encoder" in k]
+    decoder_leaves = [k for k in flat if k.startswith("['decoder']")]
+    assert expert_leaves and decoder_leaves and all(flat[k] == Routed() for k in decoder_leaves)
+    if mode == "mote":
+      assert {flat[k] for k in expert_leaves} == {Routed(0, 1, 2)}
+      assert all(sl == Routed() for k, sl in flat.items() if k not in expert_leaves)
+    elif mode == "separated":
+      assert all(sl == Routed(0, 0, 0) for k, sl in flat.items() if "query_tower" in k)
+      assert all(sl == Routed() for k, sl in flat.items() if "query_tower" not in k)
+    else:
+      assert set(flat.values()) == {Routed()}
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path):
@@ -161,5 +205,13 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     restored = trainer.restore_or_init(checkpointer, lambda: params, abstract)
     assert int(restored.step) == 4 and int(restored.nonfinite) == 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+
+    # Between log and checkpoint steps the counter is read one step late (the host does not wait for the
+    # device): the run still stops, naming step 6, before anything of a later step is logged or saved.
+    trainer, params = _trainer(tmp_path / "deferred", num_steps=20, max_consecutive_nonfinite=3, log_every=50)
+    checkpointer = Checkpointer(tmp_path / "deferred" / "ckpt", save_every=50)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive non-finite steps \(last at step 6\)"):
+      trainer.train(trainer.init_state(params), _batches, checkpointer)
+    assert checkpointer.latest_step is None
   finally:
     _batches.poison = set()

@@ -29,7 +29,7 @@ from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
 from mote_jax.retrieval.evaluate import evaluate
 from mote_jax.training.checkpointing import Checkpointer, is_uri
-from mote_jax.training.optimizer import OptimizerConfig, expert_axes
+from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
 from mote_jax.training.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
     return contrastive_model.loss_fn(params, batch, rng, deterministic)
 
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed),
-                 loss_and_grads_fn=contrastive_model.loss_and_grads)
+                 loss_and_grads_fn=contrastive_model.loss_and_grads,
+                 routed=routed_slices(boxed, [config.route("query"), config.route("passage")]))
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))

@@ -42,9 +42,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def due(self, step: int) -> bool:
+    """Whether `maybe_save(step, ...)` saves without `force`."""
+    return step % self.save_every == 0
+
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether a save started."""
-    if not force and step % self.save_every:
+    if not (force or self.due(step)):
       return False
     if step in self._manager.all_steps():
       return False

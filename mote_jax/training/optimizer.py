@@ -1,9 +1,14 @@
 """AdamW as BERT pre-training uses it: linear warm-up and decay, no decay on biases and LayerNorm, clipping.
 
 MoTE detail: an expert that no text of a step was routed to gets an all-zero gradient. PyTorch's AdamW skips
-such a parameter entirely (its .grad is None): no weight decay, no moment decay. `freeze_unrouted_experts` gives
-the same semantics for the expert slices of stacked parameters, so a pre-training run without query texts leaves
-the query expert exactly where it started instead of shrinking it by weight decay.
+such a parameter entirely (its .grad is None): no weight decay, no moment decay. Two transformations give the same
+semantics for the expert slices of stacked parameters, so a pre-training run without query texts leaves the query
+expert exactly where it started instead of shrinking it by weight decay:
+  `skip_unrouted`            the routing is known when the step is traced (the jobs' streams fix which text types
+                             a step has): AdamW runs on the routed slices only, and an unrouted expert (or a whole
+                             unused tower in `separated` mode) costs no optimizer work at all.
+  `freeze_unrouted_experts`  the routing is discovered from the gradients (all-zero slices), at the cost of a full
+                             AdamW pass plus a reduction over every expert gradient.
 """
 
 from __future__ import annotations
@@ -84,12 +89,97 @@ def freeze_unrouted_experts(inner: optax.GradientTransformation, axes) -> optax.
   return optax.GradientTransformation(inner.init, update)
 
 
-def make_optimizer(config: OptimizerConfig, params, axes=None) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class Routed:
+  """Which part of one parameter a step's texts reach: indices [start, stop) of axis `axis`, or all of it
+  (`axis` None). A leaf of the trees `routed_slices` builds (deliberately not a pytree node)."""
+  axis: int | None = None
+  start: int = 0
+  stop: int = 0
+
+  def take(self, x: jax.Array) -> jax.Array:
+    return x if self.axis is None else jax.lax.slice_in_dim(x, self.start, self.stop, axis=self.axis)
+
+  def pad(self, part: jax.Array, full_shape: tuple[int, ...]) -> jax.Array:
+    """`part` back in a zero array of `full_shape` (an update of zero for what the step did not reach)."""
+    if self.axis is None:
+      return part
+    widths = [(0, 0, 0)] * len(full_shape)
+    widths[self.axis] = (self.start, full_shape[self.axis] - self.stop, 0)
+    return jax.lax.pad(part, jnp.zeros((), part.dtype), widths)
+
+  def put(self, full: jax.Array, part: jax.Array) -> jax.Array:
+    """`full` with `part` written over the routed indices (old values elsewhere)."""
+    if self.axis is None:
+      return part
+    if self.start == self.stop:
+      return full
+    return jax.lax.dynamic_update_slice_in_dim(full, part, self.start, axis=self.axis)
+
+
+def routed_slices(boxed_params, routes) -> Any:
+  """Per parameter, the `Routed` part that a step whose texts go to `routes` reaches.
+
+  `routes`: the (tower name, expert index) pairs of the step's text types (`MoteConfig.route`). A parameter under
+  a tower no route names is unrouted entirely; an expert-stacked one (logical axis 'expert') keeps the routed
+  experts' contiguous range; everything else (shared layers, the decoder) is routed whole.
+  """
+  experts: dict[str, set[int]] = {}
+  for tower, index in routes:
+    experts.setdefault(tower, set()).add(index)
+
+  def one(path, box):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    towers = [k for k in keys if k == "tower" or k.endswith("_tower")]
+    if not towers:
+      return Routed()
+    used = experts.get(towers[0])
+    if not used:
+      return Routed(axis=0, start=0, stop=0)
+    if EXPERT_AXIS not in box.names:
+      return Routed()
+    axis = box.names.index(EXPERT_AXIS)
+    start, stop = min(used), max(used) + 1
+    if stop - start != len(used):
+      raise ValueError(f"routed experts {sorted(used)} of {towers[0]} are not contiguous")
+    if (start, stop) == (0, box.value.shape[axis]):
+      return Routed()
+    return Routed(axis=axis, start=start, stop=stop)
+
+  return jax.tree_util.tree_map_with_path(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.GradientTransformation:
+  """Wraps `inner` so that it sees only the routed part of each parameter (`slices` from `routed_slices`).
+
+  The rest keeps its value and optimizer moments and costs no optimizer work (its update is zero). The state
+  keeps the full parameter shapes, so checkpoints do not depend on the routing.
+  """
+  is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
+
+  def take(tree):
+    return jax.tree.map(lambda sl, x: sl.take(x), slices, tree, is_leaf=is_routed)
+
+  def update(grads, state, params=None):
+    # A `Routed` per state leaf: the parameter's for Adam's moments, whole (Routed()) for counts and the like.
+    state_slices = optax.tree_utils.tree_map_params(inner, lambda _, sl: sl, state, slices,
+                                                    transform_non_params=lambda _: Routed(), is_leaf=is_routed)
+    sub_state = jax.tree.map(lambda sl, x: sl.take(x), state_slices, state, is_leaf=is_routed)
+    sub_updates, sub_new = inner.update(take(grads), sub_state, None if params is None else take(params))
+    updates = jax.tree.map(lambda sl, u, g: sl.pad(u, g.shape), slices, sub_updates, grads, is_leaf=is_routed)
+    new_state = jax.tree.map(lambda sl, old, new: sl.put(old, new), state_slices, state, sub_new, is_leaf=is_routed)
+    return updates, new_state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+def make_optimizer(config: OptimizerConfig, params, axes=None, slices=None) -> optax.GradientTransformation:
   """clip -> AdamW (masked decay, scheduled learning rate); unrouted experts frozen.
 
   Gradient accumulation lives in the train step (micro-batches inside one jitted step), not here.
 
-  `params` (unboxed or abstract) fixes the decay mask; `axes` (from `expert_axes`) enables expert freezing.
+  `params` (unboxed or abstract) fixes the decay mask. `slices` (from `routed_slices`) skips what a step's
+  texts do not reach; else `axes` (from `expert_axes`) freezes experts whose gradient is all zero.
   """
   chain = []
   if config.max_grad_norm:
@@ -97,6 +187,8 @@ def make_optimizer(config: OptimizerConfig, params, axes=None) -> optax.Gradient
   chain.append(optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
                            weight_decay=config.weight_decay, mask=decay_mask(params)))
   tx = optax.chain(*chain)
+  if slices is not None:
+    return skip_unrouted(tx, slices)
   if axes is not None:
     tx = freeze_unrouted_experts(tx, axes)
   return tx

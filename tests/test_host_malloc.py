@@ -1,0 +1,60 @@
+"""mote_jax.host_malloc: the launcher's re-exec with glibc malloc settings, and that they stop the page faults."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mote_jax import host_malloc
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
+
+# mallocs, fills and frees 256 MiB three times (as XLA:CPU does with a step's temporaries; plain malloc, since
+# numpy asks for huge pages), then reports the minor page faults of the last round.
+_PROBE = """
+import ctypes, json, os, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def round_trip(size=256 * 2**20):
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
+round_trip(); round_trip()
+before = faults()
+round_trip()
+print(json.dumps({"faults": faults() - before, "switch": os.environ.get("MOTE_JAX_MALLOC_TUNING"),
+                  "arena_max": os.environ.get("MALLOC_ARENA_MAX")}))
+"""
+
+
+def _run(args, env_changes):
+  env = {k: v for k, v in os.environ.items() if k not in host_malloc.SETTINGS and k != host_malloc.SWITCH}
+  env.update(env_changes)
+  out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=True, timeout=120)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reexec_applies_the_settings_once_and_the_pages_stay():
+  # A program that re-executes itself through host_malloc, then runs the probe.
+  program = ("import sys\nfrom mote_jax import host_malloc\n"
+             "host_malloc.reexec_with_settings(['-c', sys.argv[1]])\n" + "exec(sys.argv[1])\n")
+  tuned = _run(["-c", program, _PROBE], {})
+  assert tuned["switch"] == "applied" and tuned["arena_max"] == "1"
+  plain = _run(["-c", program, _PROBE], {host_malloc.SWITCH: "0"})
+  assert plain["switch"] == "0" and plain["arena_max"] is None
+  # 256 MiB is 65,536 pages: glibc's defaults fault them all in again; the settings reuse them.
+  assert plain["faults"] > 60_000
+  assert tuned["faults"] < 1_000
+
+
+def test_values_already_set_win():
+  env = host_malloc.environment({"MALLOC_ARENA_MAX": "4"})
+  assert env["MALLOC_ARENA_MAX"] == "4" and env["MALLOC_MMAP_MAX_"] == "0"
+  assert not host_malloc.wanted({host_malloc.SWITCH: "applied"})
+  assert not host_malloc.wanted({host_malloc.SWITCH: "0"})
+  assert host_malloc.wanted({})
