@@ -27,6 +27,7 @@ SETTINGS = [
 
 def one(quick: bool) -> dict:
   import os
+  import resource
 
   import jax
 
@@ -36,9 +37,13 @@ def one(quick: bool) -> dict:
   batch_size, length = (2, 32) if quick else (8, 128)
   step, batch = jax_step.production_step(shape, batch_size, length)
   loss = step(batch)
-  t = time_interleaved({"step": lambda: step(batch)}, warmup=1, repeats=2 if quick else 5)["step"]
+  warmup, repeats = 1, (2 if quick else 5)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  t = time_interleaved({"step": lambda: step(batch)}, warmup=warmup, repeats=repeats)["step"]
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (warmup + repeats)
   matmul = gemm.measure(sizes=(256,) if quick else (2048,), repeats=2 if quick else 5, libraries=("jax",))
   return dict(t, compile_s=round(step.compile_s, 1), first_loss=loss, gemm_gflops=matmul["gflops"],
+              minor_page_faults_per_step=round(faults),
               prng_impl=str(jax.config.jax_default_prng_impl), xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 

@@ -177,15 +177,17 @@ def flags_lines(f: dict) -> list[str]:
   lines = []
   rows = []
   for name, r in f["rows"].items():
-    setting = " ".join(filter(None, [r.get("flags", ""), " ".join(f"{k}={v}" if v is not None else f"unset {k}" for k, v in r.get("env", {}).items())]))
+    env = " ".join(f"{k}={v}" if v is not None else f"unset {k}" for k, v in r.get("env", {}).items())
+    setting = " ".join(filter(None, [r.get("flags", ""), env]))
     if "error" in r:
-      rows.append([name, f"`{setting}`", "error: " + r["error"][:100], "", "", "", ""])
+      rows.append([name, f"`{setting}`", "error: " + r["error"][:100], "", "", "", "", ""])
       continue
     g = r.get("gemm_gflops", {})
     rows.append([name, f"`{setting}`" if setting else "", _f(r["median_s"], 3), _f(r.get("speedup_vs_default"), 3, "x"),
-                 _f(r["compile_s"], 1), _f(g.get("jax/float32/2048"), 0), _f(g.get("jax/bfloat16/2048"), 0)])
+                 _f(r["compile_s"], 1), _f(g.get("jax/float32/2048"), 0), _f(g.get("jax/bfloat16/2048"), 0),
+                 _f(r.get("minor_page_faults_per_step"), 0)])
   lines += _table(["setting", "XLA_FLAGS / env", "median s/step", "speed vs default", "compile s",
-                   "jax fp32 matmul 2048 GFLOP/s", "jax bf16 matmul GFLOP/s"], rows)
+                   "jax fp32 matmul 2048 GFLOP/s", "jax bf16 matmul GFLOP/s", "minor page faults per step"], rows)
   return lines
 
 
