@@ -20,8 +20,9 @@ SETTINGS = [
     ("fast math", "--xla_cpu_enable_fast_math=true", {}),
     ("PRNG unsafe_rbg", "", {"JAX_DEFAULT_PRNG_IMPL": "unsafe_rbg"}),
     # glibc's defaults instead of mote_jax.host_malloc's settings (which every other row runs with)
+    ("malloc heap without huge pages", "", {"GLIBC_TUNABLES": None}),
     ("glibc malloc defaults", "", {name: None for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                                                           "MALLOC_TRIM_THRESHOLD_")}),
+                                                           "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}),
 ]
 
 

@@ -27,7 +27,13 @@ def round_trip(size=256 * 2**20):
 round_trip(); round_trip()
 before = faults()
 round_trip()
-print(json.dumps({"faults": faults() - before, "switch": os.environ.get("MOTE_JAX_MALLOC_TUNING"),
+after = faults()
+block = libc.malloc(256 * 2**20)
+ctypes.memset(block, 1, 256 * 2**20)
+with open("/proc/self/smaps_rollup") as f:
+  huge_kb = sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+libc.free(block)
+print(json.dumps({"faults": after - before, "huge_kb": huge_kb, "switch": os.environ.get("MOTE_JAX_MALLOC_TUNING"),
                   "arena_max": os.environ.get("MALLOC_ARENA_MAX")}))
 """
 
@@ -50,6 +56,11 @@ def test_reexec_applies_the_settings_once_and_the_pages_stay():
   # 256 MiB is 65,536 pages: glibc's defaults fault them all in again; the settings reuse them.
   assert plain["faults"] > 60_000
   assert tuned["faults"] < 1_000
+  # And the heap is backed by transparent huge pages where the kernel offers them.
+  with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+    thp = f.read()
+  if "[never]" not in thp:
+    assert tuned["huge_kb"] >= 128 * 1024
 
 
 def test_values_already_set_win():
