@@ -23,7 +23,7 @@ from etils import epath
 from mote_jax import hf_interop
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
                                     beir_groups, bm25_run, tevatron_groups, write_negatives)
-from mote_jax.model import MoteConfig, init_params
+from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
@@ -178,7 +178,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
 
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed),
                  loss_and_grads_fn=contrastive_model.loss_and_grads,
-                 routed=routed_slices(boxed, [config.route("query"), config.route("passage")]))
+                 routed=routed_slices(boxed, [config.route(t) for t in EXPERTS]))
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))

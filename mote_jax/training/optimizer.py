@@ -6,7 +6,7 @@ semantics for the expert slices of stacked parameters, so a pre-training run wit
 expert exactly where it started instead of shrinking it by weight decay:
   `skip_unrouted`            the routing is known when the step is traced (the jobs' streams fix which text types
                              a step has): AdamW runs on the routed slices only, and an unrouted expert (or a whole
-                             unused tower in `separated` mode) costs no optimizer work at all.
+                             unused tower in `separated` mode) gets no AdamW work, only a zero update.
   `freeze_unrouted_experts`  the routing is discovered from the gradients (all-zero slices), at the cost of a full
                              AdamW pass plus a reduction over every expert gradient.
 """
@@ -152,7 +152,8 @@ def routed_slices(boxed_params, routes) -> Any:
 def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.GradientTransformation:
   """Wraps `inner` so that it sees only the routed part of each parameter (`slices` from `routed_slices`).
 
-  The rest keeps its value and optimizer moments and costs no optimizer work (its update is zero). The state
+  The rest keeps its value and optimizer moments and gets no AdamW work: its update is zero (padded back, so
+  `optax.apply_updates` still adds it, one pass over that part of the parameter). The state
   keeps the full parameter shapes, so checkpoints do not depend on the routing.
   """
   is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
