@@ -15,6 +15,9 @@ The first six undo an optimisation that production adopted after this section me
   select-skip            the non-finite step skip as a select per parameter and moment (production: lax.cond)
   dynamic-expert-freeze  AdamW over every parameter, then experts whose gradient is all zero frozen
                          (`freeze_unrouted_experts`; production: `skip_unrouted`, AdamW on the routed slices only)
+  whole-stack-updates    the gradient norm over whole expert stacks and `optax.apply_updates` adding the zero-padded
+                         update to them (production: `optimizer.take_routed` / `apply_routed_updates`, the routed
+                         slices only, written in place)
   no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
   dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
                          (attention dropout 0: the fused call has no dropout)
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
-       "dynamic-expert-freeze", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
+       "dynamic-expert-freeze", "whole-stack-updates", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
 def _sequence_major_attention(core):
@@ -133,6 +136,17 @@ def _add_bias_plain(logits, bias):
   return logits + bias
 
 
+def _whole_stack_apply(params, updates, slices):
+  import optax
+  del slices
+  return optax.apply_updates(params, updates)
+
+
+def _whole_stack_take(slices, tree):
+  del slices
+  return tree
+
+
 def _patches(name: str) -> dict:
   from mote_jax.model import layers
   from mote_jax.objectives import losses
@@ -142,7 +156,9 @@ def _patches(name: str) -> dict:
           "select-skip": {(trainer.Trainer, "_train_step"): _train_step_with_select},
           "bias-grad-by-reduce": {(layers, "add_vocab_bias"): _add_bias_plain},
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
-          "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()}}.get(name, {})
+          "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()},
+          "whole-stack-updates": {(trainer, "apply_routed_updates"): _whole_stack_apply,
+                                  (trainer, "take_routed"): _whole_stack_take}}.get(name, {})
 
 
 def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool = True) -> dict:

@@ -16,8 +16,8 @@ from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.training.checkpointing import Checkpointer
-from mote_jax.training.optimizer import (OptimizerConfig, Routed, decay_mask, expert_axes, learning_rate_schedule,
-                                         make_optimizer, routed_slices)
+from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, decay_mask, expert_axes,
+                                         learning_rate_schedule, make_optimizer, routed_slices, take_routed)
 from mote_jax.training.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
 
@@ -107,6 +107,9 @@ def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
     grads = jax.grad(lambda p: _loss(p, batch, None, True)[0])(params)
     updates, state = tx.update(grads, state, params)
     new = optax.apply_updates(params, updates)
+    if routing == "static":  # what the Trainer applies: the routed slices only, the same values
+      jax.tree.map(np.testing.assert_array_equal, apply_routed_updates(params, updates, slices), new)
+      assert np.asarray(take_routed(slices, grads)["kernel"]).shape == (1, 8, 4)
     for name in ("kernel", "bias"):
       np.testing.assert_array_equal(new[name][0], params[name][0])
     for name, w in torch_params.items():

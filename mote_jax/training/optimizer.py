@@ -116,6 +116,15 @@ class Routed:
       return full
     return jax.lax.dynamic_update_slice_in_dim(full, part, self.start, axis=self.axis)
 
+  def apply(self, param: jax.Array, update: jax.Array) -> jax.Array:
+    """`param + update` on the routed part only (`optax.apply_updates` for one leaf): the rest is not read or
+    written, and with the state donated the routed part is updated in place."""
+    if self.axis is None:
+      return (param + update).astype(param.dtype)
+    if self.start == self.stop:
+      return param
+    return self.put(param, (self.take(param) + self.take(update)).astype(param.dtype))
+
 
 def routed_slices(boxed_params, routes) -> Any:
   """Per parameter, the `Routed` part that a step whose texts go to `routes` reaches.
@@ -149,17 +158,30 @@ def routed_slices(boxed_params, routes) -> Any:
   return jax.tree_util.tree_map_with_path(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def take_routed(slices, tree) -> Any:
+  """The routed part of every leaf of `tree` (a tree shaped like the parameters)."""
+  return jax.tree.map(lambda sl, x: sl.take(x), slices, tree, is_leaf=lambda x: isinstance(x, Routed))
+
+
+def apply_routed_updates(params, updates, slices) -> Any:
+  """`optax.apply_updates(params, updates)` for updates that are zero outside the routed parts (`skip_unrouted`'s):
+  only the routed parts are read and written, not whole expert stacks."""
+  return jax.tree.map(lambda sl, p, u: sl.apply(p, u), slices, params, updates,
+                      is_leaf=lambda x: isinstance(x, Routed))
+
+
 def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.GradientTransformation:
   """Wraps `inner` so that it sees only the routed part of each parameter (`slices` from `routed_slices`).
 
-  The rest keeps its value and optimizer moments and gets no AdamW work: its update is zero (padded back, so
-  `optax.apply_updates` still adds it, one pass over that part of the parameter). The state
+  The rest keeps its value and optimizer moments and gets no AdamW work: its update is zero (padded back to the
+  parameter's shape; `apply_routed_updates` adds only the routed part, where `optax.apply_updates` would make
+  one pass over the whole parameter). The state
   keeps the full parameter shapes, so checkpoints do not depend on the routing.
   """
   is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
 
   def take(tree):
-    return jax.tree.map(lambda sl, x: sl.take(x), slices, tree, is_leaf=is_routed)
+    return take_routed(slices, tree)
 
   def update(grads, state, params=None):
     # A `Routed` per state leaf: the parameter's for Adam's moments, whole (Routed()) for counts and the like.

@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mote_jax.partitioning import Partitioner
 from mote_jax.training.checkpointing import Checkpointer
 from mote_jax.training.metrics import MetricsWriter
-from mote_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from mote_jax.training.optimizer import (OptimizerConfig, apply_routed_updates, learning_rate_schedule, make_optimizer,
+                                         take_routed)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Trainer:
     self.model_dir = epath.Path(model_dir)  # keeps gs:// and other URIs (pathlib would collapse "//")
     self.param_shardings = param_shardings
     self.flops_per_step = flops_per_step
+    self.routed = routed
     # The decay mask needs paths only, so the shardings tree stands in for the params.
     self.optimizer = make_optimizer(optimizer_config, param_shardings, expert_axes, routed)
     self.schedule = learning_rate_schedule(optimizer_config)
@@ -159,12 +161,16 @@ class Trainer:
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
     (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    # With static routing the gradient is zero outside the routed parts, so their norm is the norm; reading
+    # only them lets XLA drop the zero-padded whole-stack gradients of the experts.
+    grad_norm = optax.global_norm(grads if self.routed is None else take_routed(self.routed, grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(_):
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state
+      if self.routed is None:
+        return optax.apply_updates(state.params, updates), opt_state
+      return apply_routed_updates(state.params, updates, self.routed), opt_state
 
     # A non-finite step is skipped: params and optimizer state stay, the data stream moves on. A conditional
     # rather than a select per parameter: the update runs only when applied, with no extra pass over the state.
