@@ -15,9 +15,13 @@ The first six undo an optimisation that production adopted after this section me
   select-skip            the non-finite step skip as a select per parameter and moment (production: lax.cond)
   dynamic-expert-freeze  AdamW over every parameter, then experts whose gradient is all zero frozen
                          (`freeze_unrouted_experts`; production: `skip_unrouted`, AdamW on the routed slices only)
-  whole-stack-updates    the gradient norm over whole expert stacks and `optax.apply_updates` adding the zero-padded
-                         update to them (production: `optimizer.take_routed` / `apply_routed_updates`, the routed
-                         slices only, written in place)
+  whole-stack-updates    whole expert-stack gradients (zeros around the routed expert) into the update, their norm,
+                         and `optax.apply_updates` adding the zero-padded update to the whole stack (production:
+                         `take_routed` / `pad_routed` / `apply_routed_updates`: only the routed slices are
+                         normed, passed to the update and written, in place)
+  autodiff-weight-grads  the dense layers' products (`layers.linear`) as one `tensordot` differentiated by JAX, as
+                         before (production: a custom VJP whose kernel gradient x^T dy is one GEMM in the
+                         kernel's own orientation)
   no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
   dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
                          (attention dropout 0: the fused call has no dropout)
@@ -42,7 +46,8 @@ import jax.numpy as jnp
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
-       "dynamic-expert-freeze", "whole-stack-updates", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
+       "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads",
+       "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
 def _sequence_major_attention(core):
@@ -136,6 +141,11 @@ def _add_bias_plain(logits, bias):
   return logits + bias
 
 
+def _linear_by_autodiff(x, kernel):
+  """`layers.linear` as before its custom VJP: one `tensordot`, differentiated by JAX."""
+  return jnp.tensordot(x, kernel, axes=1)
+
+
 def _whole_stack_apply(params, updates, slices):
   import optax
   del slices
@@ -145,6 +155,11 @@ def _whole_stack_apply(params, updates, slices):
 def _whole_stack_take(slices, tree):
   del slices
   return tree
+
+
+def _whole_stack_pad(slices, parts, like):
+  del slices, like
+  return parts
 
 
 def _patches(name: str) -> dict:
@@ -157,8 +172,10 @@ def _patches(name: str) -> dict:
           "bias-grad-by-reduce": {(layers, "add_vocab_bias"): _add_bias_plain},
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
           "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()},
+          "autodiff-weight-grads": {(layers, "linear"): _linear_by_autodiff},
           "whole-stack-updates": {(trainer, "apply_routed_updates"): _whole_stack_apply,
-                                  (trainer, "take_routed"): _whole_stack_take}}.get(name, {})
+                                  (trainer, "take_routed"): _whole_stack_take,
+                                  (trainer, "pad_routed"): _whole_stack_pad}}.get(name, {})
 
 
 def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool = True) -> dict:

@@ -35,6 +35,43 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
   return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., K] @ kernel [K, *O] -> [..., *O] (a dense layer's product, no bias).
+
+  The value and the gradients are those of `jnp.einsum`; the backward pass is written out so that the kernel
+  gradient comes straight out in the kernel's own [K, *O] orientation: x^T dy over the flattened leading
+  axes, one GEMM that reads both operands as they are. Autodiff of the einsum gave XLA:CPU dy^T x followed by
+  a transpose, which layout assignment turned into transposed copies of the cotangent fused with the
+  elementwise backward before it (dropout, GELU), recomputing that work with strided writes: in a bert-base
+  pre-training step those copies took ~200 ms (benchmarks/RESULTS.md, variants: einsum-weight-grads).
+  """
+  return _linear(x, kernel)
+
+
+def _linear(x, kernel):
+  out = kernel.shape[1:]
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1))
+  return y.reshape(*x.shape[:-1], *out)
+
+
+def _linear_fwd(x, kernel):
+  return _linear(x, kernel), (x, kernel)
+
+
+def _linear_bwd(residuals, dy):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  x2 = x.reshape(-1, k)
+  dy2 = dy.reshape(x2.shape[0], -1)
+  dx = jnp.dot(dy2, kernel.reshape(k, -1).T).reshape(x.shape)  # [N, O] x [K, O]^T
+  dkernel = jnp.dot(x2.T, dy2).reshape(kernel.shape)  # [N, K]^T x [N, O]: contracts the leading axes
+  return dx, dkernel
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class LayerNorm(nn.Module):
   """BERT LayerNorm with `scale`/`bias` of logical axis 'embed'."""
 
@@ -127,7 +164,7 @@ class SelfAttention(nn.Module):
     def project(name):  # [B, L, H] -> [B, N, L, D]
       kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
       bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
-      return jnp.einsum("blh,hnd->bnld", x, kernel) + bias[:, None, :]
+      return (linear(x, kernel) + bias).transpose(0, 2, 1, 3)
 
     q, k, v = project("query"), project("key"), project("value")
     q = q * jnp.asarray(d ** -0.5, dt)
@@ -144,7 +181,9 @@ class SelfAttention(nn.Module):
       context = jnp.einsum("bnqk,bnkd->bnqd", probs, v)
     out_kernel = param("output_kernel", init, ("heads", "kv", "embed"), (n, d, cfg.hidden_size))
     out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
-    out = jnp.einsum("bnld,ndh->blh", context, out_kernel) + out_bias
+    # [B, N, L, D] -> [B, L, N*D] @ [N*D, H]
+    b, _, l, _ = context.shape
+    out = linear(context.transpose(0, 2, 1, 3).reshape(b, l, n * d), out_kernel.reshape(n * d, -1)) + out_bias
     out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return LayerNorm(cfg, name="output_layer_norm")(out + x)
 
@@ -177,10 +216,10 @@ class ExpertFFN(nn.Module):
     ln_bias = param("layer_norm_bias", nn.initializers.zeros, ("expert", "embed"), (e, h))
 
     dt = cfg.compute_dtype
-    hidden = jnp.dot(x, wi[expert_index].astype(dt)) + bi[expert_index].astype(dt)  # [B, L, F]
+    hidden = linear(x, wi[expert_index].astype(dt)) + bi[expert_index].astype(dt)  # [B, L, F]
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     hidden = jax.nn.gelu(hidden, approximate=False)
-    out = jnp.dot(hidden, wo[expert_index].astype(dt)) + bo[expert_index].astype(dt)  # [B, L, H]
+    out = linear(hidden, wo[expert_index].astype(dt)) + bo[expert_index].astype(dt)  # [B, L, H]
     out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return layer_norm(out + x, ln_scale[expert_index], ln_bias[expert_index], cfg.layer_norm_eps)
 

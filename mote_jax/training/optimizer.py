@@ -163,6 +163,12 @@ def take_routed(slices, tree) -> Any:
   return jax.tree.map(lambda sl, x: sl.take(x), slices, tree, is_leaf=lambda x: isinstance(x, Routed))
 
 
+def pad_routed(slices, parts, like) -> Any:
+  """Inverse of `take_routed`: each routed part back in zeros of its leaf's shape in `like` (arrays or shapes)."""
+  return jax.tree.map(lambda sl, x, ref: sl.pad(x, tuple(getattr(ref, "shape", ref))), slices, parts, like,
+                      is_leaf=lambda x: isinstance(x, Routed))
+
+
 def apply_routed_updates(params, updates, slices) -> Any:
   """`optax.apply_updates(params, updates)` for updates that are zero outside the routed parts (`skip_unrouted`'s):
   only the routed parts are read and written, not whole expert stacks."""
