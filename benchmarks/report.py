@@ -197,9 +197,12 @@ def profile_lines(p: dict) -> list[str]:
             f"{_f(p['step_wall_s_median'], 3)} s; XLA thunk time {p['thunk_ms_per_step']} ms/step_", ""]
   lines += [f"Model FLOPs per step (hand count, `model_flops_per_step`): {_f(p['model_flops_per_step'] / 1e9, 1)} G; "
             f"XLA cost analysis of the compiled step: {_f(p['xla_cost_flops'] / 1e9, 1)} GFLOP, "
-            f"{_f(p['xla_cost_bytes'] / 2**30, 2)} GiB accessed. Dot FLOPs in the profiled thunks: "
+            f"{_f(p['xla_cost_bytes'] / 2**30, 2)} GiB accessed. Dot FLOPs in the timed GEMM thunks: "
             f"{p['gemm_gflop_per_step']} G/step, run at **{_f(p['gemm_gflops_per_s'], 1)} GFLOP/s** inside the step "
-            f"(vs {p['jax_matmul_gflops']} for a large square matmul).", ""]
+            f"(vs {p['jax_matmul_gflops']} for a large square matmul)."
+            + (f" Another {p['async_gemm_gflop_per_step']} G/step ran in {p['async_gemm_thunks']} asynchronous Eigen "
+               "`dot` thunks whose trace events cover only their dispatch (their time overlaps the other thunks)."
+               if p.get("async_gemm_thunks") else ""), ""]
   lines += _table(["kind", "ms/step"], [[k, v] for k, v in p["by_kind_ms"].items()])
   lines += _table(["model part", "ms/step"], [[k, v] for k, v in p["by_part_ms"].items()])
   lines += ["Top thunks:", ""]
