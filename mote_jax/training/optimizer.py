@@ -186,16 +186,14 @@ def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.Gradient
   """
   is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
 
-  def take(tree):
-    return take_routed(slices, tree)
-
   def update(grads, state, params=None):
     # A `Routed` per state leaf: the parameter's for Adam's moments, whole (Routed()) for counts and the like.
     state_slices = optax.tree_utils.tree_map_params(inner, lambda _, sl: sl, state, slices,
                                                     transform_non_params=lambda _: Routed(), is_leaf=is_routed)
-    sub_state = jax.tree.map(lambda sl, x: sl.take(x), state_slices, state, is_leaf=is_routed)
-    sub_updates, sub_new = inner.update(take(grads), sub_state, None if params is None else take(params))
-    updates = jax.tree.map(lambda sl, u, g: sl.pad(u, g.shape), slices, sub_updates, grads, is_leaf=is_routed)
+    sub_state = take_routed(state_slices, state)
+    sub_updates, sub_new = inner.update(take_routed(slices, grads), sub_state,
+                                        None if params is None else take_routed(slices, params))
+    updates = pad_routed(slices, sub_updates, grads)
     new_state = jax.tree.map(lambda sl, old, new: sl.put(old, new), state_slices, state, sub_new, is_leaf=is_routed)
     return updates, new_state
 
