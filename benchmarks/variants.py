@@ -2,7 +2,7 @@
 
 Every variant is the real `Trainer` step with one change, timed round-robin against the production baseline
 (mote, fp32, MLM logits at masked positions 48/72, dropout 0.1 on hidden states and attention probabilities).
-The first six undo an optimisation that production adopted after this section measured it:
+The first eight undo an optimisation that production adopted after this section measured it:
 
   argmax-accuracy        the MLM accuracy metric as `argmax == label` (production: `target logit >= max logit`,
                          sharing logsumexp's max; a variadic (value, index) reduce over 30,522 words is slow

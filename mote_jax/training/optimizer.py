@@ -181,8 +181,8 @@ def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.Gradient
 
   The rest keeps its value and optimizer moments and gets no AdamW work: its update is zero (padded back to the
   parameter's shape; `apply_routed_updates` adds only the routed part, where `optax.apply_updates` would make
-  one pass over the whole parameter). The state
-  keeps the full parameter shapes, so checkpoints do not depend on the routing.
+  one pass over the whole parameter). The state keeps the full parameter shapes, so checkpoints do not depend
+  on the routing.
   """
   is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
 

@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mote_jax.partitioning import Partitioner
 from mote_jax.training.checkpointing import Checkpointer
 from mote_jax.training.metrics import MetricsWriter
-from mote_jax.training.optimizer import (OptimizerConfig, apply_routed_updates, learning_rate_schedule, make_optimizer,
-                                         pad_routed, take_routed)
+from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, learning_rate_schedule,
+                                         make_optimizer, pad_routed, take_routed)
 
 log = logging.getLogger(__name__)
 
@@ -161,29 +161,24 @@ class Trainer:
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
     (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
-    if self.routed is None:
-      grad_norm = optax.global_norm(grads)
-      operand = grads
-      full_grads = lambda g: g  # noqa: E731
-    else:
-      # With static routing the gradient is zero outside the routed parts: their norm is the norm, and only
-      # they enter the conditional, padded back inside it where XLA sees that `skip_unrouted` slices them
-      # again. Whole expert-stack gradients (zeros around the routed expert) are never materialised.
-      shapes = jax.tree.map(lambda g: g.shape, grads)
-      operand = take_routed(self.routed, grads)
-      grad_norm = optax.global_norm(operand)
-      full_grads = lambda parts: pad_routed(self.routed, parts, shapes)  # noqa: E731
+    # Only the routed parts of the gradient (all of it without static routing: `Routed()` leaves) are normed and
+    # enter the conditional; they are padded back inside it, where XLA sees that `skip_unrouted` slices them
+    # again, so whole expert-stack gradients (zeros around the routed expert) are never materialised. Outside
+    # the routed parts the gradient is zero, so their norm is the norm.
+    routed = self.routed if self.routed is not None else jax.tree.map(lambda _: Routed(), grads)
+    shapes = jax.tree.map(jnp.shape, grads)
+    routed_grads = take_routed(routed, grads)
+    grad_norm = optax.global_norm(routed_grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(g):
-      updates, opt_state = self.optimizer.update(full_grads(g), state.opt_state, state.params)
-      if self.routed is None:
-        return optax.apply_updates(state.params, updates), opt_state
-      return apply_routed_updates(state.params, updates, self.routed), opt_state
+    def apply(parts):
+      updates, opt_state = self.optimizer.update(pad_routed(routed, parts, shapes), state.opt_state, state.params)
+      return apply_routed_updates(state.params, updates, routed), opt_state
 
     # A non-finite step is skipped: params and optimizer state stay, the data stream moves on. A conditional
     # rather than a select per parameter: the update runs only when applied, with no extra pass over the state.
-    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), operand)
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state),
+                                     routed_grads)
     skipped = (~finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state,
