@@ -113,8 +113,8 @@ def summarize_trace(path: str, hlo: dict[str, dict], steps: int, peak_gflops: fl
           per_name[name] += event.duration_ns
           calls[name] += 1
   total = sum(per_name.values())
-  by_kind, by_part, gemm_flops, async_flops, async_thunks = (collections.Counter(), collections.Counter(), 0.0,
-                                                               0.0, 0)
+  by_kind, by_part, by_fusion = collections.Counter(), collections.Counter(), collections.Counter()
+  gemm_flops, async_flops, async_thunks = 0.0, 0.0, 0
   rows = []
   for name, ns in per_name.items():
     info = hlo[name]
@@ -130,6 +130,8 @@ def summarize_trace(path: str, hlo: dict[str, dict], steps: int, peak_gflops: fl
       async_thunks += 1
     elif is_gemm:
       gemm_flops += flops
+    if not is_gemm:  # XLA names fusions by their ops (copy_bitcast_fusion.80 ...): the families of non-GEMM work
+      by_fusion[re.sub(r"\.\d+$", "", name)] += ns
     rows.append((name, ns))
   rows.sort(key=lambda r: -r[1])
   top = []
@@ -144,6 +146,7 @@ def summarize_trace(path: str, hlo: dict[str, dict], steps: int, peak_gflops: fl
           "async_gemm_gflop_per_step": round(async_flops / steps / 1e9, 2), "async_gemm_thunks": async_thunks,
           "by_kind_ms": {k: round(v / 1e6 / steps, 1) for k, v in by_kind.most_common()},
           "by_part_ms": {k: round(v / 1e6 / steps, 1) for k, v in by_part.most_common()},
+          "non_gemm_by_fusion_ms": {k: round(v / 1e6 / steps, 1) for k, v in by_fusion.most_common(12)},
           "gemm_gflop_per_step": round(gemm_flops / steps / 1e9, 2),
           "gemm_gflops_per_s": round(gemm_flops / steps / 1e9 / gemm_s, 1) if gemm_s else None,
           "top_thunks": top}

@@ -205,6 +205,11 @@ def profile_lines(p: dict) -> list[str]:
                if p.get("async_gemm_thunks") else ""), ""]
   lines += _table(["kind", "ms/step"], [[k, v] for k, v in p["by_kind_ms"].items()])
   lines += _table(["model part", "ms/step"], [[k, v] for k, v in p["by_part_ms"].items()])
+  if p.get("non_gemm_by_fusion_ms"):
+    lines += ["Non-GEMM thunks by fusion family (XLA names a fusion after its ops: `copy_bitcast_fusion` are "
+              "transposing copies, `slice_bitcast_fusion` slices, `add_dynamic-update-slice_fusion` in-place "
+              "updates):", ""]
+    lines += _table(["fusion family", "ms/step"], [[f"`{k}`", v] for k, v in p["non_gemm_by_fusion_ms"].items()])
   lines += ["Top thunks:", ""]
   lines += _table(["thunk", "ms/step", "output", "GFLOP/s", "source op"],
                   [[t["thunk"], t["ms_per_step"], f"`{t['shape'].split('{')[0]}`", _f(t["gflops_per_s"], 1),
