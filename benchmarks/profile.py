@@ -71,6 +71,67 @@ def parse_hlo(text: str) -> dict[str, dict]:
   return out
 
 
+def dot_signatures(text: str) -> collections.Counter:
+  """{(dtype, lhs dims, rhs dims, (lhs contracting, rhs contracting), (lhs batch, rhs batch)): count} of every
+  dot of a compiled module (inside fusions too): the GEMMs one execution of it runs."""
+  shapes, current, dots = {}, None, collections.Counter()
+  for line in text.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+      continue
+    m = _INSTR.match(line)
+    if not (m and current):
+      continue
+    shapes[(current, m.group("name"))] = m.group("shape")
+    if m.group("op") != "dot":
+      continue
+    lhs, rhs = (arg.strip().split(" ")[-1].lstrip("%") for arg in m.group("args").split(",")[:2])
+    dims = {key: tuple(int(i) for i in value.split(",") if i)
+            for key, value in re.findall(r"(\w+_(?:batch|contracting)_dims)=\{([\d,]*)\}", m.group("rest"))}
+    dtype = m.group("shape").split("[")[0]
+    dots[(dtype, tuple(_dims(shapes[(current, lhs)])), tuple(_dims(shapes[(current, rhs)])),
+          (dims.get("lhs_contracting_dims", ()), dims.get("rhs_contracting_dims", ())),
+          (dims.get("lhs_batch_dims", ()), dims.get("rhs_batch_dims", ())))] += 1
+  return dots
+
+
+def gemm_bound(text: str, repeats: int = 5) -> dict:
+  """The step's GEMMs timed one by one, alone: each distinct dot of the compiled module as a jitted
+  `lax.dot_general` of the same shapes and dimension numbers on random operands (median of `repeats`).
+
+  Their sum is what the step would take if everything else (elementwise work, softmax, LayerNorm, dropout
+  bits, the optimizer, copies) were free and each GEMM ran as fast as it does alone: a lower bound on the step
+  time, so model FLOPs / that sum is an upper bound on MFU for these shapes on this machine.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  rows, total_s, total_flops = [], 0.0, 0.0
+  for (hlo_dtype, lhs, rhs, contract, batch), count in dot_signatures(text).items():
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}[hlo_dtype]
+    a = jnp.asarray(rng.standard_normal(lhs, dtype=np.float32), dtype)
+    b = jnp.asarray(rng.standard_normal(rhs, dtype=np.float32), dtype)
+    fn = jax.jit(lambda a, b, dn=(contract, batch): jax.lax.dot_general(a, b, dn))
+    fn(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(a, b).block_until_ready()
+      times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    flops = 2.0 * math.prod(lhs) * math.prod(rhs) / math.prod(rhs[i] for i in contract[1] + batch[1])
+    total_s += count * seconds
+    total_flops += count * flops
+    rows.append({"lhs": list(lhs), "rhs": list(rhs), "contracting": [list(c) for c in contract], "count": count,
+                 "ms_each": round(seconds * 1e3, 3), "gflops_per_s": round(flops / seconds / 1e9, 1),
+                 "ms_total": round(count * seconds * 1e3, 2)})
+  rows.sort(key=lambda r: -r["ms_total"])
+  return {"gemm_alone_s": round(total_s, 4), "gflop": round(total_flops / 1e9, 2),
+          "gflops_per_s": round(total_flops / total_s / 1e9, 1), "dots": sum(r["count"] for r in rows),
+          "distinct": len(rows), "top": rows[:12]}
+
+
 def _part(op_name: str) -> str:
   if any(key in op_name for key in ("threefry", "random_bits", "Dropout", "_bernoulli", "_uniform")):
     return "dropout (RNG, masks)"
@@ -184,11 +245,15 @@ def run(quick: bool = False, shape: str | None = None, steps: int | None = None)
   summary = summarize_trace(path, hlo, steps, peak_gflops=max(peak["gflops"].values()))
   shutil.rmtree(trace_dir, ignore_errors=True)
   wall = sorted(times)[len(times) // 2]
+  bound = gemm_bound(compiled.as_text(), repeats=2 if quick else 5)
+  peak_gflops = max(peak["gflops"].values())
+  # The MFU this step could reach if only its GEMMs took time, each at its rate alone (see gemm_bound).
+  bound["mfu_ceiling"] = round(step.flops / bound["gemm_alone_s"] / 1e9 / peak_gflops, 3)
   return dict(summary, shape=shape, batch_size=batch_size, length=length, traced_steps=steps,
               step_wall_s_median=wall, model_flops_per_step=step.flops,
               xla_cost_flops=cost.get("flops", float("nan")), compile_s=round(step.compile_s, 1),
               xla_cost_bytes=cost.get("bytes accessed", float("nan")),
-              jax_matmul_gflops=peak["gflops"], load1=load1())
+              jax_matmul_gflops=peak["gflops"], gemm_bound=bound, load1=load1())
 
 
 if __name__ == "__main__":

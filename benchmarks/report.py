@@ -125,7 +125,8 @@ def search_lines(s: dict) -> list[str]:
   lines += _table(["method", "queries/s", "median s", "min-max s", "recall@10", "build s", "index MB (serialised)",
                    "RSS growth MB"], rows)
   lines += ["ScaNN search-time sweeps (leaves searched, candidates reordered) on the default index and on an index "
-            "tuned for speed (twice the leaves, spherical k-means, 4 dimensions per AH block):", ""]
+            "tuned for speed (twice the leaves, spherical k-means, 4 dimensions per AH block), reordering from a "
+            "bfloat16 copy of the rows (top-10 rescored exactly) or, round-robin with it near recall 0.95, from float32:", ""]
   default_build = s["methods"]["scann/default"]["build_s"]
   lines += _table(["setting", "queries/s", "x best exact", "recall@10", "index build s"],
                   [[k, _f(v["queries_per_s"], 0), _f(v["queries_per_s"] / best_exact, 1), _f(v["recall"], 4),
@@ -210,6 +211,17 @@ def profile_lines(p: dict) -> list[str]:
               "transposing copies, `slice_bitcast_fusion` slices, `add_dynamic-update-slice_fusion` in-place "
               "updates):", ""]
     lines += _table(["fusion family", "ms/step"], [[f"`{k}`", v] for k, v in p["non_gemm_by_fusion_ms"].items()])
+  bound = p.get("gemm_bound")
+  if bound:
+    lines += [f"**GEMMs alone** (`profile.gemm_bound`): each of the step's {bound['dots']} dots ({bound['distinct']} "
+              f"distinct shapes, {bound['gflop']} GFLOP) timed by itself as a jitted `lax.dot_general` in this "
+              f"process: together **{_f(bound['gemm_alone_s'], 3)} s** ({_f(bound['gflops_per_s'], 1)} GFLOP/s), "
+              f"against the step's {_f(p['step_wall_s_median'], 3)} s. Even with everything but the GEMMs free, "
+              f"MFU could not exceed **{_f(100 * bound['mfu_ceiling'], 1)}%** of the matmul peak measured here "
+              "for these shapes. The costliest GEMMs:", ""]
+    lines += _table(["lhs", "rhs", "contracting (lhs, rhs)", "count", "ms each", "GFLOP/s alone", "ms total"],
+                    [[f"`{r['lhs']}`", f"`{r['rhs']}`", f"`{r['contracting']}`", r["count"], r["ms_each"],
+                      r["gflops_per_s"], r["ms_total"]] for r in bound["top"]])
   lines += ["Top thunks:", ""]
   lines += _table(["thunk", "ms/step", "output", "GFLOP/s", "source op"],
                   [[t["thunk"], t["ms_per_step"], f"`{t['shape'].split('{')[0]}`", _f(t["gflops_per_s"], 1),

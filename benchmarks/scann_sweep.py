@@ -5,7 +5,8 @@
 
 Each named config builds one index (k-means tree with `leaves` leaves, SOAR `soar` (null: none), AH with `dpb`
 dimensions per block and threshold `ast`, optional PCA to `pca` dimensions, `spherical` k-means, `iters`
-k-means iterations, `avq`: anisotropic VQ of the partitioner with that eta) and prints
+k-means iterations, `avq`: anisotropic VQ of the partitioner with that eta, `reorder_dtype`: "float32",
+"bfloat16" or "int8" for the reordering copy of the rows) and prints
 (leaves searched, reorder, queries/s, recall@10 against exact search) for each fraction of leaves in `fracs`
 and each reorder size in `reorders` (median of 3 searches of all queries after one warm-up). Not part of
 `python -m benchmarks`; benchmarks/analysis.md quotes its output for the index settings it rejected.
@@ -22,8 +23,9 @@ import numpy as np
 
 
 def build(corpus, k, *, leaves, dpb=4, soar=1.0, spherical=False, pca=None, ast=0.2, reorder=400,
-          sample=250_000, iters=12, avq=None):
+          sample=250_000, iters=12, avq=None, reorder_dtype="float32"):
   import scann
+  from scann.scann_ops.py.scann_builder import ReorderType
   builder = scann.scann_ops_pybind.builder(corpus, k, "dot_product")
   builder.set_n_training_threads(0)
   spill = {} if soar is None else dict(soar_lambda=soar, overretrieve_factor=2.0)
@@ -31,7 +33,8 @@ def build(corpus, k, *, leaves, dpb=4, soar=1.0, spherical=False, pca=None, ast=
                          training_sample_size=sample, training_iterations=iters, avq=avq, **spill)
   if pca:
     builder = builder.pca(reduction_dim=pca, pca_significance_threshold=None)
-  return builder.score_ah(dpb, anisotropic_quantization_threshold=ast).reorder(reorder).build()
+  return builder.score_ah(dpb, anisotropic_quantization_threshold=ast).reorder(
+      reorder, quantize=ReorderType[reorder_dtype.upper()]).build()
 
 
 def main(argv=None) -> None:

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import gemm, pretrain, profile, report
@@ -44,6 +45,9 @@ def test_search_section_small():
   assert result["methods"]["exact/faiss-flat"]["recall"] == 1.0
   assert result["methods"]["exact/mote_jax"]["recall"] == 1.0
   assert 0.0 < result["methods"]["scann/default"]["recall"] <= 1.0
+  # The tuned index is searched with bfloat16 and float32 reordering at the same settings.
+  tuned = [name for name in result["scann_sweep"] if name.startswith("tuned")]
+  assert {name.split(" reordering")[0].split(", ")[-1] for name in tuned} == {"bfloat16", "float32"}
 
 
 def test_profile_parser_counts_dot_flops():
@@ -52,6 +56,19 @@ def test_profile_parser_counts_dot_flops():
   b = jnp.ones((32, 16))
   hlo = profile.parse_hlo(f.lower(a, b).compile().as_text())
   assert max(i["dot_flops"] for i in hlo.values()) == 2 * 64 * 32 * 16
+
+
+def test_gemm_bound_times_every_dot_of_the_module():
+  f = jax.jit(lambda a, b, c: (jnp.einsum("bqd,bkd->bqk", a, b) @ c).sum() + (a[0] @ b[0].T).sum())
+  a, b, c = jnp.ones((2, 64, 32)), jnp.ones((2, 48, 32)), jnp.ones((48, 16))
+  signatures = profile.dot_signatures(f.lower(a, b, c).compile().as_text())
+  flops = {sig: 2 * np.prod(sig[1]) * np.prod(sig[2]) / np.prod([sig[2][i] for i in sig[3][1] + sig[4][1]])
+           for sig in signatures}
+  # The batched [2: 64 x 32 x 48] score product, [2 x 64, 48] x [48, 16], and the unbatched [64 x 32 x 48] one.
+  assert sum(flops[sig] * n for sig, n in signatures.items()) == 2 * 64 * 48 * (2 * 32 + 2 * 16 + 32)
+  bound = profile.gemm_bound(f.lower(a, b, c).compile().as_text(), repeats=1)
+  assert bound["dots"] == sum(signatures.values()) and bound["gemm_alone_s"] > 0
+  assert bound["gflop"] == round(sum(flops[sig] * n for sig, n in signatures.items()) / 1e9, 2)
 
 
 def test_gemm_and_report_render(tmp_path):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mote_jax.retrieval import store
-from mote_jax.retrieval.search import (ScannConfig, exact_search, merge_topk, recall_at_k, scann_search)
+from mote_jax.retrieval.search import (ScannConfig, exact_search, merge_topk, recall_at_k, rescore_exactly,
+                                       scann_search)
 from mote_jax.retrieval.store import EmbeddingStore
 
 
@@ -75,3 +76,32 @@ def test_scann_on_small_clustered_set_and_split_indices():
   # Fewer rows than `brute_force_below`: exact scoring.
   _, small = scann_search(queries, corpus[:500], 10)
   np.testing.assert_array_equal(small, _brute_force(queries, corpus[:500], 10)[1])
+
+
+@pytest.mark.parametrize("reorder_dtype", ["bfloat16", "int8"])
+def test_scann_quantised_reordering_returns_exact_scores_best_first(reorder_dtype):
+  rng = np.random.default_rng(2)
+  centers = rng.standard_normal((50, 32))
+  corpus = centers[rng.integers(50, size=20000)] + 0.5 * rng.standard_normal((20000, 32))
+  corpus = (corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).astype(np.float32)
+  queries = corpus[rng.choice(20000, 100, replace=False)] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+  _, exact = _brute_force(queries, corpus, 10)
+  scores, approximate = scann_search(queries, corpus, 10, ScannConfig(reorder_dtype=reorder_dtype))
+  assert recall_at_k(approximate, exact, 10) >= 0.9
+  # The quantised reordering scores are replaced by exact inner products, sorted best first.
+  true = np.einsum("qh,qkh->qk", queries, corpus[approximate])
+  np.testing.assert_allclose(scores, true, atol=1e-5)
+  assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+def test_rescore_exactly_sorts_breaks_ties_and_scores_fillers_minus_inf():
+  rows = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], np.float32)
+  queries = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+  scores, indices = rescore_exactly(queries, rows, np.array([[3, 2, 0], [0, -1, 1]]))
+  np.testing.assert_array_equal(indices, [[0, 2, 3], [1, 0, -1]])
+  np.testing.assert_allclose(scores, [[1.0, 1.0, 0.5], [2.0, 0.0, -np.inf]])
+
+
+def test_scann_config_rejects_an_unknown_reorder_dtype():
+  with pytest.raises(ValueError, match="reorder_dtype 'fp16'"):
+    ScannConfig(reorder_dtype="fp16")

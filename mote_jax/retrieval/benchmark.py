@@ -101,7 +101,7 @@ def main(argv=None):
   parser.add_argument("--decay", type=float, default=0.4)
   optional = lambda cast: lambda text: None if text.lower() == "none" else cast(text)  # noqa: E731
   parse = {"int": int, "float": float, "int | None": optional(int), "float | None": optional(float),
-           "bool": lambda text: text.lower() in ("1", "true", "yes")}
+           "bool": lambda text: text.lower() in ("1", "true", "yes"), "str": str}
   for field in dataclasses.fields(ScannConfig):
     parser.add_argument(f"--{field.name}", type=parse[field.type], default=field.default)
   args = parser.parse_args(argv)
