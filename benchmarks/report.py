@@ -128,9 +128,12 @@ def search_lines(s: dict) -> list[str]:
             "tuned for speed (twice the leaves, spherical k-means, 4 dimensions per AH block), reordering from a "
             "bfloat16 copy of the rows (top-10 rescored exactly) or, round-robin with it near recall 0.95, from float32:", ""]
   default_build = s["methods"]["scann/default"]["build_s"]
-  lines += _table(["setting", "queries/s", "x best exact", "recall@10", "index build s"],
+  default_mb = s["methods"]["scann/default"]["index_mb"]
+  lines += _table(["setting", "queries/s", "x best exact", "recall@10", "index build s", "index MB (serialised)"],
                   [[k, _f(v["queries_per_s"], 0), _f(v["queries_per_s"] / best_exact, 1), _f(v["recall"], 4),
-                    _f(v.get("build_s", default_build), 0)] for k, v in s["scann_sweep"].items()])
+                    _f(v.get("build_s", default_build), 0),
+                    _f(v.get("index_mb", None if k.startswith("tuned") else default_mb), 0)]
+                   for k, v in s["scann_sweep"].items()])
   lines += [f"**ScaNN (default config) / best exact: {_f(s['scann_default_speedup_vs_best_exact'], 1)}x queries/s**; "
             f"fastest sweep setting with recall@10 >= 0.95: {s['scann_best_at_095']} at "
             f"{_f(s['scann_best_at_095_speedup_vs_best_exact'], 1)}x (target >= 20x at recall@10 >= 0.95).", ""]

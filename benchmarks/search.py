@@ -128,11 +128,14 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   tuned = {"bfloat16": ScannConfig(num_leaves=200 if quick else 2000, dimensions_per_block=4, spherical=True,
                                    reorder=200, reorder_dtype="bfloat16")}
   tuned["float32"] = dataclasses.replace(tuned["bfloat16"], reorder_dtype="float32")
-  searchers, tuned_build = {}, {}
+  searchers, tuned_build, tuned_mb = {}, {}, {}
   for dtype, config in tuned.items():
     start = time.perf_counter()
     searchers[dtype] = build_scann(corpus, k, config)
     tuned_build[dtype] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+      searchers[dtype].serialize(tmp)
+      tuned_mb[dtype] = _dir_mb(Path(tmp))
   tuned_leaves = tuned["bfloat16"].leaves(rows)[0]
   grid = [(0.1, 200)] if quick else [(f, 200) for f in (0.06, 0.07, 0.08, 0.09, 0.1, 0.12)] + [(0.08, 400)]
 
@@ -153,7 +156,8 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
       name = (f"tuned (leaves={tuned_leaves}, spherical, 4 dims/block, {dtype} reordering): "
               f"leaves_to_search={leaves_to_search},reorder={reorder}")
       sweep[name] = dict(timings[dtype], recall=recall_at_k(fns[dtype](), exact, k),
-                         queries_per_s=num_queries / timings[dtype]["median_s"], build_s=tuned_build[dtype])
+                         queries_per_s=num_queries / timings[dtype]["median_s"], build_s=tuned_build[dtype],
+                         index_mb=tuned_mb[dtype])
   del searchers
   gc.collect()
   for name, m in methods.items():

@@ -48,6 +48,9 @@ def test_search_section_small():
   # The tuned index is searched with bfloat16 and float32 reordering at the same settings.
   tuned = [name for name in result["scann_sweep"] if name.startswith("tuned")]
   assert {name.split(" reordering")[0].split(", ")[-1] for name in tuned} == {"bfloat16", "float32"}
+  # A bfloat16 reordering copy makes a smaller index than a float32 one.
+  index_mb = {name.split(" reordering")[0].split(", ")[-1]: result["scann_sweep"][name]["index_mb"] for name in tuned}
+  assert 0 < index_mb["bfloat16"] < index_mb["float32"]
 
 
 def test_profile_parser_counts_dot_flops():
