@@ -146,9 +146,10 @@ class ScannConfig:
   anisotropic_quantization_threshold: float = 0.2
   reorder: int = 250
   # The rows' copy that reordering scores: "float32" (exact), "bfloat16" or "int8" (fixed point). A quantised
-  # copy is a memory knob, not a speed one: the serialised index of 200k x 384 rows is 332 MB with float32,
-  # 186 MB with bfloat16 and 113 MB with int8, while queries/s on 1M x 384 are equal (search time is the AH
-  # scan's) and recall@10 drops by ~0.003 (bfloat16) or ~0.01 (int8) (benchmarks/analysis.md). The returned
+  # copy is a memory knob, not a speed one: a serialised index of 1M x 384 rows takes 1,662 MB with float32
+  # and 929 MB with bfloat16 (113 vs 332 MB for int8 vs float32 on 200k rows), while queries/s are equal
+  # (search time is the AH scan's) and recall@10 drops by 0.003-0.005 (bfloat16) or ~0.01 (int8)
+  # (benchmarks/RESULTS.md, section 4; benchmarks/analysis.md). The returned
   # neighbours are then rescored exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
   training_threads: int = 0  # 0: all cores
