@@ -59,12 +59,19 @@ def test_merge_topk_breaks_ties_by_index():
   np.testing.assert_array_equal(merged_indices, [[7, 4, 2, 5]])
 
 
-def test_scann_on_small_clustered_set_and_split_indices():
-  rng = np.random.default_rng(1)
-  centers = rng.standard_normal((50, 32))
-  corpus = centers[rng.integers(50, size=20000)] + 0.5 * rng.standard_normal((20000, 32))
+def _clustered(num_queries: int, seed: int, rows: int = 20000, dim: int = 32, clusters: int = 50):
+  """(queries [num_queries, dim], corpus [rows, dim]): unit rows around `clusters` centres; each query is a
+  corpus row plus small noise."""
+  rng = np.random.default_rng(seed)
+  centers = rng.standard_normal((clusters, dim))
+  corpus = centers[rng.integers(clusters, size=rows)] + 0.5 * rng.standard_normal((rows, dim))
   corpus = (corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).astype(np.float32)
-  queries = corpus[rng.choice(20000, 200, replace=False)] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
+  picked = corpus[rng.choice(rows, num_queries, replace=False)]
+  return picked + 0.05 * rng.standard_normal((num_queries, dim)).astype(np.float32), corpus
+
+
+def test_scann_on_small_clustered_set_and_split_indices():
+  queries, corpus = _clustered(200, seed=1)
   _, exact = _brute_force(queries, corpus, 10)
   scores, approximate = scann_search(queries, corpus, 10)
   assert recall_at_k(approximate, exact, 10) >= 0.95
@@ -80,11 +87,7 @@ def test_scann_on_small_clustered_set_and_split_indices():
 
 @pytest.mark.parametrize("reorder_dtype", ["bfloat16", "int8"])
 def test_scann_quantised_reordering_returns_exact_scores_best_first(reorder_dtype):
-  rng = np.random.default_rng(2)
-  centers = rng.standard_normal((50, 32))
-  corpus = centers[rng.integers(50, size=20000)] + 0.5 * rng.standard_normal((20000, 32))
-  corpus = (corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).astype(np.float32)
-  queries = corpus[rng.choice(20000, 100, replace=False)] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+  queries, corpus = _clustered(100, seed=2)
   _, exact = _brute_force(queries, corpus, 10)
   scores, approximate = scann_search(queries, corpus, 10, ScannConfig(reorder_dtype=reorder_dtype))
   assert recall_at_k(approximate, exact, 10) >= 0.9
