@@ -126,7 +126,8 @@ def search_lines(s: dict) -> list[str]:
                    "RSS growth MB"], rows)
   lines += ["ScaNN search-time sweeps (leaves searched, candidates reordered) on the default index and on an index "
             "tuned for speed (twice the leaves, spherical k-means, 4 dimensions per AH block), reordering from a "
-            "bfloat16 copy of the rows (top-10 rescored exactly) or, round-robin with it near recall 0.95, from float32:", ""]
+            "bfloat16 copy of the rows (top-10 rescored exactly) or, round-robin with it near recall 0.95, "
+            "from float32:", ""]
   default_build = s["methods"]["scann/default"]["build_s"]
   default_mb = s["methods"]["scann/default"]["index_mb"]
   lines += _table(["setting", "queries/s", "x best exact", "recall@10", "index build s", "index MB (serialised)"],

@@ -122,9 +122,10 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   # bytes per candidate and of the index; the returned top-k are rescored exactly, inside the timing, as
   # `scann_search` does) and from float32, searched round-robin near recall 0.95. In the runs committed with
   # this code the two were equally fast (the AH scan of the searched leaves dominates), bfloat16 0.003-0.005
-  # lower in recall and its index 0.56x the size: bfloat16 reordering saves memory, not time. Kept out: PCA projection (pca 128/192 caps recall at 0.86-0.91), 8 dims
-  # per block (0.87), 1,000 or 4,000 leaves, SOAR lambda 1.5 and no SOAR, int8 reordering (loses recall: 0.944
-  # where float32 and bfloat16 give 0.953 at 180 leaves; benchmarks/analysis.md).
+  # lower in recall and its index 0.56x the size: bfloat16 reordering saves memory, not time. Kept out: PCA
+  # projection (pca 128/192 caps recall at 0.86-0.91), 8 dims per block (0.87), 1,000 or 4,000 leaves, SOAR
+  # lambda 1.5 and no SOAR, int8 reordering (loses recall: 0.944 where float32 and bfloat16 give 0.953 at 180
+  # leaves; benchmarks/analysis.md).
   tuned = {"bfloat16": ScannConfig(num_leaves=200 if quick else 2000, dimensions_per_block=4, spherical=True,
                                    reorder=200, reorder_dtype="bfloat16")}
   tuned["float32"] = dataclasses.replace(tuned["bfloat16"], reorder_dtype="float32")
@@ -140,10 +141,10 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   grid = [(0.1, 200)] if quick else [(f, 200) for f in (0.06, 0.07, 0.08, 0.09, 0.1, 0.12)] + [(0.08, 400)]
 
   def tuned_search(dtype: str, leaves_to_search: int, reorder: int):
-    found, scores = searchers[dtype].search_batched_parallel(
+    found, _ = searchers[dtype].search_batched_parallel(
         queries, final_num_neighbors=k, leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=reorder)
     if dtype != "float32":
-      scores, found = rescore_exactly(queries, corpus, np.asarray(found, np.int64))
+      _, found = rescore_exactly(queries, corpus, np.asarray(found, np.int64))
     return np.asarray(found)
 
   for fraction, reorder in grid:

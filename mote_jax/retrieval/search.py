@@ -149,8 +149,8 @@ class ScannConfig:
   # copy is a memory knob, not a speed one: a serialised index of 1M x 384 rows takes 1,662 MB with float32
   # and 929 MB with bfloat16 (113 vs 332 MB for int8 vs float32 on 200k rows), while queries/s are equal
   # (search time is the AH scan's) and recall@10 drops by 0.003-0.005 (bfloat16) or ~0.01 (int8)
-  # (benchmarks/RESULTS.md, section 4; benchmarks/analysis.md). The returned
-  # neighbours are then rescored exactly against the float32 rows, so scores stay true inner products.
+  # (benchmarks/RESULTS.md, section 4; benchmarks/analysis.md). The returned neighbours are then rescored
+  # exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
   training_threads: int = 0  # 0: all cores
   search_threads: int = 0
