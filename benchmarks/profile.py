@@ -33,9 +33,30 @@ def _dims(shape: str) -> list[int]:
   return [int(x) for x in m.group("dims").split(",") if x] if m else []
 
 
+def _dot_signature(ins: dict, shape_of) -> tuple | None:
+  """(dtype, lhs dims, rhs dims, (lhs contracting, rhs contracting), (lhs batch, rhs batch)) of a parsed dot;
+  `shape_of(name)` gives an operand's shape text."""
+  lhs, rhs = (arg.strip().split(" ")[-1].lstrip("%") for arg in ins["args"].split(",")[:2])
+  lhs_dims, rhs_dims = _dims(shape_of(lhs)), _dims(shape_of(rhs))
+  if not (lhs_dims and rhs_dims):
+    return None
+  dims = {key: tuple(int(i) for i in value.split(",") if i)
+          for key, value in re.findall(r"(\w+_(?:batch|contracting)_dims)=\{([\d,]*)\}", ins["rest"])}
+  return (ins["shape"].split("[")[0], tuple(lhs_dims), tuple(rhs_dims),
+          (dims.get("lhs_contracting_dims", ()), dims.get("rhs_contracting_dims", ())),
+          (dims.get("lhs_batch_dims", ()), dims.get("rhs_batch_dims", ())))
+
+
+def _signature_flops(signature: tuple) -> float:
+  """2 x (every lhs dim) x (the rhs dims that are neither contracted nor batch)."""
+  _, lhs, rhs, contract, batch = signature
+  return 2.0 * math.prod(lhs) * math.prod(rhs) / math.prod(rhs[i] for i in contract[1] + batch[1])
+
+
 def parse_hlo(text: str) -> dict[str, dict]:
-  """{instruction name: {op, op_name, shape, dot_flops}} of every instruction of the compiled module; a fusion's
-  dot FLOPs are those of the dots in the computation it calls (recursively)."""
+  """{instruction name: {op, op_name, shape, dot_flops, dot_signature}} of every instruction of the compiled
+  module; a fusion's dot FLOPs are those of the dots in the computation it calls (recursively), a dot's
+  signature is `_dot_signature`'s (None for other instructions)."""
   computations, shapes, current = {}, {}, None
   for line in text.splitlines():
     if line and not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -48,15 +69,13 @@ def parse_hlo(text: str) -> dict[str, dict]:
       computations[current].append(m.groupdict())
       shapes[(current, m.group("name"))] = m.group("shape")
 
+  def signature_of(ins: dict, comp: str) -> tuple | None:
+    return _dot_signature(ins, lambda name: shapes.get((comp, name), "")) if ins["op"] == "dot" else None
+
   def flops_of(ins: dict, comp: str) -> float:
     if ins["op"] == "dot":
-      out = _dims(ins["shape"])
-      lhs = ins["args"].split(",")[0].strip().split(" ")[-1].lstrip("%")
-      lhs_shape = _dims(shapes.get((comp, lhs), ""))
-      contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["rest"])
-      if not (contract and lhs_shape):
-        return 0.0
-      return 2.0 * math.prod(out) * math.prod(lhs_shape[int(i)] for i in contract.group(1).split(",") if i)
+      signature = signature_of(ins, comp)
+      return _signature_flops(signature) if signature else 0.0
     called = re.search(r"calls=%([\w.\-]+)", ins["rest"])
     if called and called.group(1) in computations:
       return sum(flops_of(inner, called.group(1)) for inner in computations[called.group(1)])
@@ -67,32 +86,15 @@ def parse_hlo(text: str) -> dict[str, dict]:
     for ins in instrs:
       op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
       out[ins["name"]] = {"op": ins["op"], "op_name": op_name.group(1) if op_name else "",
-                          "dot_flops": flops_of(ins, comp), "shape": ins["shape"]}
+                          "dot_flops": flops_of(ins, comp), "shape": ins["shape"],
+                          "dot_signature": signature_of(ins, comp)}
   return out
 
 
 def dot_signatures(text: str) -> collections.Counter:
-  """{(dtype, lhs dims, rhs dims, (lhs contracting, rhs contracting), (lhs batch, rhs batch)): count} of every
-  dot of a compiled module (inside fusions too): the GEMMs one execution of it runs."""
-  shapes, current, dots = {}, None, collections.Counter()
-  for line in text.splitlines():
-    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-      current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-      continue
-    m = _INSTR.match(line)
-    if not (m and current):
-      continue
-    shapes[(current, m.group("name"))] = m.group("shape")
-    if m.group("op") != "dot":
-      continue
-    lhs, rhs = (arg.strip().split(" ")[-1].lstrip("%") for arg in m.group("args").split(",")[:2])
-    dims = {key: tuple(int(i) for i in value.split(",") if i)
-            for key, value in re.findall(r"(\w+_(?:batch|contracting)_dims)=\{([\d,]*)\}", m.group("rest"))}
-    dtype = m.group("shape").split("[")[0]
-    dots[(dtype, tuple(_dims(shapes[(current, lhs)])), tuple(_dims(shapes[(current, rhs)])),
-          (dims.get("lhs_contracting_dims", ()), dims.get("rhs_contracting_dims", ())),
-          (dims.get("lhs_batch_dims", ()), dims.get("rhs_batch_dims", ())))] += 1
-  return dots
+  """{dot signature (see `_dot_signature`): count} of every dot of a compiled module (inside fusions too): the
+  GEMMs one execution of it runs."""
+  return collections.Counter(info["dot_signature"] for info in parse_hlo(text).values() if info["dot_signature"])
 
 
 def gemm_bound(text: str, repeats: int = 5) -> dict:
@@ -120,7 +122,7 @@ def gemm_bound(text: str, repeats: int = 5) -> dict:
       fn(a, b).block_until_ready()
       times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    flops = 2.0 * math.prod(lhs) * math.prod(rhs) / math.prod(rhs[i] for i in contract[1] + batch[1])
+    flops = _signature_flops((hlo_dtype, lhs, rhs, contract, batch))
     total_s += count * seconds
     total_flops += count * flops
     rows.append({"lhs": list(lhs), "rhs": list(rhs), "contracting": [list(c) for c in contract], "count": count,

@@ -44,7 +44,8 @@ def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
   axes, one GEMM that reads both operands as they are. Autodiff of the einsum gave XLA:CPU dy^T x followed by
   a transpose, which layout assignment turned into transposed copies of the cotangent fused with the
   elementwise backward before it (dropout, GELU), recomputing that work with strided writes: in a bert-base
-  pre-training step those copies took ~200 ms (benchmarks/RESULTS.md, 7a: autodiff-weight-grads).
+  pre-training step those copies took ~200 ms (benchmarks/analysis.md; RESULTS.md's 7a row
+  autodiff-weight-grads undoes this on every run).
   """
   return _linear(x, kernel)
 

@@ -118,7 +118,7 @@ def exact_search(queries: np.ndarray, corpus, k: int, *, devices: Sequence[jax.D
   return merge_topk([best_scores], [best_indices], k)
 
 
-_REORDER_TYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16", "int8": "INT8"}
+_REORDER_DTYPES = ("float32", "bfloat16", "int8")  # ScaNN's ReorderType members, upper-cased
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +147,9 @@ class ScannConfig:
   reorder: int = 250
   # The rows' copy that reordering scores: "float32" (exact), "bfloat16" or "int8" (fixed point). A quantised
   # copy is a memory knob, not a speed one: a serialised index of 1M x 384 rows takes 1,662 MB with float32
-  # and 929 MB with bfloat16 (113 vs 332 MB for int8 vs float32 on 200k rows), while queries/s are equal
-  # (search time is the AH scan's) and recall@10 drops by 0.003-0.005 (bfloat16) or ~0.01 (int8)
-  # (benchmarks/RESULTS.md, section 4; benchmarks/analysis.md). The returned neighbours are then rescored
-  # exactly against the float32 rows, so scores stay true inner products.
+  # and 929 MB with bfloat16 at equal queries/s (search time is the AH scan's), recall@10 0.003-0.005 lower
+  # (benchmarks/RESULTS.md, section 4; int8 in benchmarks/analysis.md). The returned neighbours are then
+  # rescored exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
   training_threads: int = 0  # 0: all cores
   search_threads: int = 0
@@ -158,8 +157,8 @@ class ScannConfig:
   brute_force_below: int = 1000  # an index of fewer rows scores them all exactly (too few to train a tree)
 
   def __post_init__(self):
-    if self.reorder_dtype not in _REORDER_TYPES:
-      raise ValueError(f"ScannConfig.reorder_dtype {self.reorder_dtype!r}: expected one of {sorted(_REORDER_TYPES)}")
+    if self.reorder_dtype not in _REORDER_DTYPES:
+      raise ValueError(f"ScannConfig.reorder_dtype {self.reorder_dtype!r}: expected one of {_REORDER_DTYPES}")
 
   def leaves(self, num_rows: int) -> tuple[int, int]:
     """(num_leaves, num_leaves_to_search) for an index of `num_rows`."""
@@ -184,7 +183,7 @@ def build_scann(corpus: np.ndarray, k: int, config: ScannConfig = ScannConfig())
   builder = builder.score_ah(config.dimensions_per_block,
                              anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
   from scann.scann_ops.py.scann_builder import ReorderType
-  builder = builder.reorder(max(config.reorder, k), quantize=ReorderType[_REORDER_TYPES[config.reorder_dtype]])
+  builder = builder.reorder(max(config.reorder, k), quantize=ReorderType[config.reorder_dtype.upper()])
   return builder.build()
 
 
