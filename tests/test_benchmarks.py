@@ -53,6 +53,28 @@ def test_search_section_small():
   assert 0 < index_mb["bfloat16"] < index_mb["float32"]
 
 
+def test_data_hardness_measures_known_dimension_and_separable_clusters():
+  from benchmarks.data_hardness import hardness
+  rng = np.random.default_rng(0)
+  # Gaussian on a 6-dimensional subspace of 384, normalised: a 5-sphere, local dimension 5.
+  sphere = rng.standard_normal((4000, 6)) @ np.linalg.qr(rng.standard_normal((384, 384)))[0][:6]
+  sphere = (sphere / np.linalg.norm(sphere, axis=1, keepdims=True)).astype(np.float32)
+  stats = hardness(sphere[:200], sphere[200:])
+  assert 4.0 < stats["lid@20_median"] < 6.5, stats
+  assert 5.0 < stats["participation_ratio"] < 6.5, stats
+  # 16 tight, well-separated clusters: every true neighbour is in the query's own (best-scoring) leaf region.
+  centres = np.linalg.qr(rng.standard_normal((384, 16)))[0].T
+  labels = rng.integers(16, size=4100)
+  points = centres[labels] + 0.01 * rng.standard_normal((4100, 384))
+  points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+  stats = hardness(points[:100], points[100:])
+  assert stats["leaves"] == 63 and stats["leaf_share_for_recall"]["0.95"] <= 8 / 63, stats
+  # Isotropic unit vectors: no structure to partition, most leaves must be visited.
+  iso = rng.standard_normal((4100, 384)).astype(np.float32)
+  iso /= np.linalg.norm(iso, axis=1, keepdims=True)
+  assert hardness(iso[:100], iso[100:])["leaf_share_for_recall"]["0.95"] > 0.5
+
+
 def test_profile_parser_counts_dot_flops():
   f = jax.jit(lambda a, b: jax.nn.gelu(a @ b).sum())
   a = jnp.ones((64, 32))
