@@ -22,6 +22,9 @@ The first eight undo an optimisation that production adopted after this section 
   autodiff-weight-grads  the dense layers' products (`layers.linear`) as one `tensordot` differentiated by JAX, as
                          before (production: a custom VJP whose kernel gradient x^T dy is one GEMM in the
                          kernel's own orientation)
+  autodiff-vocab-projection  the tied MLM decoder's product (`layers.tied_logits`) as `jnp.dot(x, E.T)`
+                         differentiated by JAX (production: a custom VJP whose embedding gradient reads the
+                         [N, V] cotangent as it is)
   no-attention-dropout   attention_dropout=0 (the reference for the attention-kernel variant)
   dot-product-attention  `jax.nn.dot_product_attention` instead of the einsum/softmax/einsum attention
                          (attention dropout 0: the fused call has no dropout)
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
-       "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads",
+       "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads", "autodiff-vocab-projection",
        "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
@@ -146,6 +149,11 @@ def _linear_by_autodiff(x, kernel):
   return jnp.tensordot(x, kernel, axes=1)
 
 
+def _tied_logits_by_autodiff(x, word_embeddings):
+  """`layers.tied_logits` as before its custom VJP: `jnp.dot(x, E.T)`, differentiated by JAX."""
+  return jnp.dot(x, word_embeddings.T, preferred_element_type=jnp.float32)
+
+
 def _whole_stack_apply(params, updates, slices):
   import optax
   del slices
@@ -173,6 +181,7 @@ def _patches(name: str) -> dict:
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
           "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()},
           "autodiff-weight-grads": {(layers, "linear"): _linear_by_autodiff},
+          "autodiff-vocab-projection": {(layers, "tied_logits"): _tied_logits_by_autodiff},
           "whole-stack-updates": {(trainer, "apply_routed_updates"): _whole_stack_apply,
                                   (trainer, "take_routed"): _whole_stack_take,
                                   (trainer, "pad_routed"): _whole_stack_pad}}.get(name, {})

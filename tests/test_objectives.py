@@ -225,6 +225,29 @@ def test_cotmae_gradients_match_torch(parity_setup):
     torch_model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_logits_has_the_values_and_gradients_of_autodiff(dtype):
+  """`layers.tied_logits` (a custom VJP) against JAX's autodiff of `jnp.dot(x, E.T)` in both compute dtypes:
+  float32 logits, and both gradients accumulated in float32 and cast back to the operands' dtype. The GEMMs
+  contract in another order than autodiff's, so the gradients agree to float32 rounding (one bfloat16 ulp)."""
+  import jax.numpy as jnp
+
+  from mote_jax.model import layers
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], (3, 7, 32)).astype(dtype)
+  embeddings = jax.random.normal(keys[1], (101, 32)).astype(dtype)
+  cotangent = jax.random.normal(keys[2], (3, 7, 101))
+  ours, ours_vjp = jax.vjp(layers.tied_logits, x, embeddings)
+  ref, ref_vjp = jax.vjp(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32), x, embeddings)
+  assert ours.dtype == ref.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  for got, want in zip(ours_vjp(cotangent), ref_vjp(cotangent)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    want = np.asarray(want.astype(jnp.float32))
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-6
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
+
+
 @pytest.mark.parametrize("activation", ["none", "log1p_relu"])
 def test_bow_loss_matches_torch(parity_setup, activation):
   model, params, torch_model, layers, batch = parity_setup

@@ -285,8 +285,44 @@ class MLMHead(nn.Module):
     x = LayerNorm(cfg, name="transform_layer_norm")(jax.nn.gelu(x, approximate=False))
     bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                       cfg.storage_dtype)
-    logits = jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T, preferred_element_type=jnp.float32)
+    logits = tied_logits(x, word_embeddings.astype(cfg.compute_dtype))
     return add_vocab_bias(logits, bias.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def tied_logits(x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+  """x [..., H] @ word_embeddings [V, H]^T -> float32 logits [..., V] (the tied MLM decoder's product).
+
+  Values and gradients are those of `jnp.dot(x, word_embeddings.T)`; the backward pass is written out so that
+  the embedding gradient dlogits^T x is one GEMM that reads the [N, V] cotangent as it is (contracting its
+  leading axis). From autodiff's transpose, XLA:CPU's layout assignment wrote the cotangent out transposed
+  ([V, N], a copy fused into the softmax backward) to feed a YNNPACK GEMM: slower than the plain dot on the
+  untransposed cotangent, ~20 ms of a MiniLM pre-training step (benchmarks/analysis.md; RESULTS.md's 7a row
+  autodiff-vocab-projection undoes this on every run).
+  """
+  return _tied_logits(x, word_embeddings)
+
+
+def _tied_logits(x, word_embeddings):
+  return jnp.dot(x, word_embeddings.T, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, word_embeddings):
+  return _tied_logits(x, word_embeddings), (x, word_embeddings)
+
+
+def _tied_logits_bwd(residuals, dlogits):
+  x, word_embeddings = residuals
+  x2 = x.reshape(-1, x.shape[-1])  # [N, H]
+  d2 = dlogits.reshape(x2.shape[0], -1)  # [N, V] float32; the products accumulate in float32, as autodiff's
+  dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+  dx = dot(d2, word_embeddings, (((1,), (0,)), ((), ()))).reshape(x.shape)  # [N, V] x [V, H]
+  # [N, V]^T x [N, H] as one dot contracting the leading axes: no transposed copy of the cotangent.
+  dembed = dot(d2, x2, (((0,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dembed.astype(word_embeddings.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 @jax.custom_vjp
