@@ -21,8 +21,13 @@ from benchmarks.common import REPO, clean_env
 def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
   contenders = ["jax/masked", "torch/eager/full", "torch/eager/masked"]
   result = pretrain.bench_shape("tiny", batch_size=2, length=32, warmup=0, repeats=1, peak_gflops=100.0,
-                                contenders=contenders)
+                                contenders=contenders, peak_n=256)
   assert set(result["rows"]) == set(contenders)
+  # The matmul timed inside the rounds is not a contender; MFU against it is the model rate over its rate.
+  peak = result["peak_in_rounds"]
+  assert peak["n"] == 256 and peak["runs"] == 1 and peak["gflops"] > 0
+  for row in result["rows"].values():
+    assert row["mfu_vs_peak_in_rounds"] == pytest.approx(row["model_gflops_per_s"] / peak["gflops"], rel=1e-9)
   # Same weights, same batch, dropout off: the independent PyTorch CoT-MAE gives the JAX objective's loss.
   for name, diff in result["loss_abs_diff_vs_torch_full"].items():
     assert diff <= 1e-4, (name, diff)
