@@ -297,8 +297,8 @@ def tied_logits(x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
   the embedding gradient dlogits^T x is one GEMM that reads the [N, V] cotangent as it is (contracting its
   leading axis). From autodiff's transpose, XLA:CPU's layout assignment wrote the cotangent out transposed
   ([V, N], a copy fused into the softmax backward) to feed a YNNPACK GEMM: slower than the plain dot on the
-  untransposed cotangent, ~20 ms of a MiniLM pre-training step (benchmarks/analysis.md; RESULTS.md's 7a row
-  autodiff-vocab-projection undoes this on every run).
+  untransposed cotangent: 14–30 ms of a ~0.5 s MiniLM pre-training step (benchmarks/analysis.md; RESULTS.md's 7a
+  row autodiff-vocab-projection undoes this on every run).
   """
   return _tied_logits(x, word_embeddings)
 
