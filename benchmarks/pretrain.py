@@ -120,7 +120,7 @@ def bench_shape(shape_name: str, *, batch_size: int, length: int, warmup: int, r
   gc.collect()
   return {"batch_size": batch_size, "length": length, "max_predictions": [p_enc, p_dec], "rows": rows,
           "peak_in_rounds": {"n": peak_n, "gflops": peak_in_rounds,
-                             "median_gflops": round(peak_flops / timings[PEAK_IN_ROUNDS]["median_s"] / 1e9, 1),
+                             "median_gflops": peak_flops / timings[PEAK_IN_ROUNDS]["median_s"] / 1e9,
                              "runs": timings[PEAK_IN_ROUNDS]["runs"]},
           "ratios": ratios, "eval_losses": parity, "loss_abs_diff_vs_torch_full": parity_diff,
           "params_m": round(sum(p.numel() for p in shape.torch_model.parameters()) / 1e6, 1),

@@ -25,7 +25,8 @@ import numpy as np
 def build(corpus, k, *, leaves, dpb=4, soar=1.0, spherical=False, pca=None, ast=0.2, reorder=400,
           sample=250_000, iters=12, avq=None, reorder_dtype="float32"):
   import scann
-  from scann.scann_ops.py.scann_builder import ReorderType
+
+  from mote_jax.retrieval.search import scann_reorder_type
   builder = scann.scann_ops_pybind.builder(corpus, k, "dot_product")
   builder.set_n_training_threads(0)
   spill = {} if soar is None else dict(soar_lambda=soar, overretrieve_factor=2.0)
@@ -34,7 +35,7 @@ def build(corpus, k, *, leaves, dpb=4, soar=1.0, spherical=False, pca=None, ast=
   if pca:
     builder = builder.pca(reduction_dim=pca, pca_significance_threshold=None)
   return builder.score_ah(dpb, anisotropic_quantization_threshold=ast).reorder(
-      reorder, quantize=ReorderType[reorder_dtype.upper()]).build()
+      reorder, quantize=scann_reorder_type(reorder_dtype)).build()
 
 
 def main(argv=None) -> None:

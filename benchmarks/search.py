@@ -121,7 +121,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   # partition is the lever. The index is built twice: reordering from a bfloat16 copy of the rows (half the
   # bytes per candidate and of the index; the returned top-k are rescored exactly, inside the timing, as
   # `scann_search` does) and from float32, searched round-robin near recall 0.95. In the runs committed with
-  # this code the two were equally fast (the AH scan of the searched leaves dominates), bfloat16 0.003-0.005
+  # this code the two were equally fast (the AH scan of the searched leaves dominates), bfloat16 0.0002-0.005
   # lower in recall and its index 0.56x the size: bfloat16 reordering saves memory, not time. Kept out: PCA
   # projection (pca 128/192 caps recall at 0.86-0.91), 8 dims per block (0.87), 1,000 or 4,000 leaves, SOAR
   # lambda 1.5 and no SOAR, int8 reordering (loses recall: 0.944 where float32 and bfloat16 give 0.953 at 180

@@ -4,8 +4,8 @@ XLA:CPU allocates every execution's temporaries with malloc (about 1 GB for the 
 B=8, L=128) and frees them when the step ends. By default glibc hands blocks that large back to the kernel (they
 are mmap'd chunks, or trimmed from the heap), so each step page-faults the whole gigabyte in again. One arena,
 no mmap'd chunks and no trimming keep those pages in the process (and transparent huge pages back the heap):
-benchmarks section 7b (benchmarks/RESULTS.md) measured 0.694 s/step and 209,452 minor faults per step with
-glibc's defaults against 0.563-0.591 s and at most 90 faults with these settings (0.746 against 0.564-0.689 s
+benchmarks section 7b (benchmarks/RESULTS.md) measured 0.539 s/step and 203,107 minor faults per step with
+glibc's defaults against 0.496-0.503 s and at most 150 faults with these settings (0.694 against 0.563-0.591 s
 in an earlier run).
 PyTorch's CPU allocator faults the same way; `python -m benchmarks` runs every contender with these settings.
 The price is that the process never returns freed memory to the system, i.e. its resident size stays at its

@@ -147,7 +147,7 @@ class ScannConfig:
   reorder: int = 250
   # The rows' copy that reordering scores: "float32" (exact), "bfloat16" or "int8" (fixed point). A quantised
   # copy is a memory knob, not a speed one: a serialised index of 1M x 384 rows takes 1,662 MB with float32
-  # and 929 MB with bfloat16 at equal queries/s (search time is the AH scan's), recall@10 0.003-0.005 lower
+  # and 929 MB with bfloat16 at equal queries/s (search time is the AH scan's), recall@10 0.0002-0.005 lower
   # (benchmarks/RESULTS.md, section 4; int8 in benchmarks/analysis.md). The returned neighbours are then
   # rescored exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
@@ -182,9 +182,14 @@ def build_scann(corpus: np.ndarray, k: int, config: ScannConfig = ScannConfig())
                          training_sample_size=min(config.training_sample_size, len(corpus)), **soar)
   builder = builder.score_ah(config.dimensions_per_block,
                              anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
-  from scann.scann_ops.py.scann_builder import ReorderType
-  builder = builder.reorder(max(config.reorder, k), quantize=ReorderType[config.reorder_dtype.upper()])
+  builder = builder.reorder(max(config.reorder, k), quantize=scann_reorder_type(config.reorder_dtype))
   return builder.build()
+
+
+def scann_reorder_type(reorder_dtype: str):
+  """ScaNN's `ReorderType` member for a `ScannConfig.reorder_dtype` name ("float32" -> ReorderType.FLOAT32)."""
+  from scann.scann_ops.py.scann_builder import ReorderType
+  return ReorderType[reorder_dtype.upper()]
 
 
 def rescore_exactly(queries: np.ndarray, rows: np.ndarray, indices: np.ndarray, block: int = 256
