@@ -168,7 +168,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   qualifying = {n: s for n, s in sweep.items() if s["recall"] >= 0.95}
   best = max(qualifying, key=lambda n: qualifying[n]["queries_per_s"]) if qualifying else None
   result.update(
-      methods=methods, scann_sweep=sweep,
+      methods=methods, scann_sweep=sweep, tuned_config=dataclasses.asdict(tuned["bfloat16"]),
       scann_default_speedup_vs_best_exact=methods["scann/default"]["queries_per_s"] / best_exact,
       scann_best_at_095=best,
       scann_best_at_095_speedup_vs_best_exact=(qualifying[best]["queries_per_s"] / best_exact) if best else None,

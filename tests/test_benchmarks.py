@@ -50,6 +50,9 @@ def test_search_section_small():
   assert result["methods"]["exact/faiss-flat"]["recall"] == 1.0
   assert result["methods"]["exact/mote_jax"]["recall"] == 1.0
   assert 0.0 < result["methods"]["scann/default"]["recall"] <= 1.0
+  # The tuned index's k-means is trained on every row, not on ScannConfig's default sample.
+  assert result["tuned_config"]["training_sample_size"] == 3000
+  assert result["tuned_config"]["spherical"] and result["tuned_config"]["dimensions_per_block"] == 4
   # The tuned index is searched with bfloat16 and float32 reordering at the same settings.
   tuned = [name for name in result["scann_sweep"] if name.startswith("tuned")]
   assert {name.split(" reordering")[0].split(", ")[-1] for name in tuned} == {"bfloat16", "float32"}
