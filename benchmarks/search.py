@@ -119,7 +119,8 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   # sample), spherical k-means (the rows are unit vectors) and 4 dimensions per AH block (half the lookups per
   # scored row). The default sweep shows recall limited by the leaves searched, not by quantisation, so a cheaper
   # scorer over a finer, better-trained partition is the lever: 5,000 leaves trained on all rows reach recall 0.95
-  # at 135 leaves searched (2.7%), where 2,000 trained on 250k rows needed 180 (9%) (benchmarks/analysis.md).
+  # at 120-135 leaves searched (2.4-2.7%; k-means is randomly initialised, so builds differ), where 2,000
+  # trained on 250k rows needed 180 (9%) (benchmarks/analysis.md).
   # The index is built twice: reordering from a bfloat16 copy of the rows (half the bytes per candidate and of
   # the index; the returned top-k are rescored exactly, inside the timing, as `scann_search` does) and from
   # float32, searched round-robin near recall 0.95. In the runs committed with this code the two were equally

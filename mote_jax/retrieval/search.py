@@ -135,7 +135,7 @@ class ScannConfig:
   tests/test_retrieval_scann.py; `python -m mote_jax.retrieval.benchmark`). For speed on a large corpus, more
   leaves with their k-means trained on every row search a smaller share of the data at the same recall:
   `ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`
-  reached recall@10 0.95 at 135 leaves searched on 1M x 384 rows (benchmarks/RESULTS.md, section 4), at the cost
+  reached recall@10 0.95 at 120-135 leaves searched on 1M x 384 rows (benchmarks/RESULTS.md, section 4), at the cost
   of a ~4x longer build.
   """
 
