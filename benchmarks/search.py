@@ -32,6 +32,22 @@ def _dir_mb(path: Path) -> float:
   return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
+def _leaf_centres(directory: Path) -> np.ndarray:
+  """The k-means leaf centres [leaves, dim] of a ScaNN index serialised to `directory`."""
+  from scann.partitioning import partitioner_pb2
+  serialized = partitioner_pb2.SerializedPartitioner()
+  serialized.ParseFromString((Path(directory) / "serialized_partitioner.pb").read_bytes())
+  centres = serialized.kmeans.kmeans_tree.root.centers
+  return np.array([list(c.float_dimension) or list(c.dimension) for c in centres], np.float32)
+
+
+def _leaves_within_margin(queries: np.ndarray, centres: np.ndarray, margin: float, cap: int) -> np.ndarray:
+  """How many leaves each query [Q, dim] searches under ScaNN's ADDITIVE query spilling: those whose centre
+  scores within `margin` of its best centre's, at most `cap` -> [Q]."""
+  scores = queries @ centres.T
+  return np.minimum((scores >= scores.max(axis=1, keepdims=True) - margin).sum(axis=1), cap)
+
+
 def _timed(fn, warmup: int, repeats: int):
   out = None
   for _ in range(warmup):
@@ -108,7 +124,8 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
         queries, final_num_neighbors=k, leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=reorder)
     (found, _), t = _timed(fn, warmup, repeats)
     sweep[f"leaves_to_search={leaves_to_search},reorder={reorder}"] = dict(
-        t, recall=recall_at_k(np.asarray(found), exact, k), queries_per_s=num_queries / t["median_s"])
+        t, recall=recall_at_k(np.asarray(found), exact, k), queries_per_s=num_queries / t["median_s"],
+        leaves_searched_mean=float(leaves_to_search))
   default_key = next(iter(sweep))
   methods["scann/default"] = dict(sweep[default_key], build_s=build, index_mb=serialized, rss_growth_mb=growth,
                                   num_leaves=leaves, leaves_to_search=to_search, reorder=config.reorder)
@@ -131,7 +148,12 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   tuned = {"bfloat16": ScannConfig(num_leaves=200 if quick else 5000, dimensions_per_block=4, spherical=True,
                                    training_sample_size=rows, reorder=200, reorder_dtype="bfloat16")}
   tuned["float32"] = dataclasses.replace(tuned["bfloat16"], reorder_dtype="float32")
-  searchers, tuned_build, tuned_mb = {}, {}, {}
+  # The same index with query-adaptive leaf selection (`ScannConfig.leaf_score_margin`): each query searches the
+  # leaves whose centre scores within 0.19 of its best centre's (up to a cap), so a query deep inside a cluster
+  # searches few leaves and one between clusters many. The margin is the one-off sweep's pick (0.17-0.20 gave
+  # recall 0.947-0.963 on this data; benchmarks/analysis.md); the cap is swept below.
+  tuned["adaptive"] = dataclasses.replace(tuned["float32"], leaf_score_margin=0.19, num_leaves_to_search=300)
+  searchers, tuned_build, tuned_mb, centres = {}, {}, {}, None
   for dtype, config in tuned.items():
     start = time.perf_counter()
     searchers[dtype] = build_scann(corpus, k, config)
@@ -139,6 +161,8 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
     with tempfile.TemporaryDirectory() as tmp:
       searchers[dtype].serialize(tmp)
       tuned_mb[dtype] = _dir_mb(Path(tmp))
+      if config.leaf_score_margin is not None:
+        centres = _leaf_centres(Path(tmp))
   tuned_leaves = tuned["bfloat16"].leaves(rows)[0]
   grid = ([(max(1, round(0.1 * tuned_leaves)), 200)] if quick
           else [(n, 200) for n in (90, 105, 120, 135, 150, 180)] + [(120, 400)])
@@ -146,7 +170,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   def tuned_search(dtype: str, leaves_to_search: int, reorder: int):
     found, _ = searchers[dtype].search_batched_parallel(
         queries, final_num_neighbors=k, leaves_to_search=leaves_to_search, pre_reorder_num_neighbors=reorder)
-    if dtype != "float32":
+    if tuned[dtype].reorder_dtype != "float32":
       _, found = rescore_exactly(queries, corpus, np.asarray(found, np.int64))
     return np.asarray(found)
 
@@ -160,7 +184,21 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
               f"leaves_to_search={leaves_to_search},reorder={reorder}")
       sweep[name] = dict(timings[dtype], recall=recall_at_k(fns[dtype](), exact, k),
                          queries_per_s=num_queries / timings[dtype]["median_s"], build_s=tuned_build[dtype],
-                         index_mb=tuned_mb[dtype])
+                         index_mb=tuned_mb[dtype], leaves_searched_mean=float(leaves_to_search))
+
+  # Adaptive leaf selection: the caps timed round-robin with each other.
+  margin = tuned["adaptive"].leaf_score_margin
+  caps = [min(c, tuned_leaves) for c in ((30,) if quick else (150, 200, 300))]
+  fns = {cap: functools.partial(tuned_search, "adaptive", cap, 200) for cap in caps}
+  timings = time_interleaved(fns, warmup=warmup, repeats=repeats, log=lambda _: None)
+  for cap in caps:
+    searched = _leaves_within_margin(queries, centres, margin, cap)
+    name = (f"tuned (leaves={tuned_leaves} trained on all rows, spherical, 4 dims/block, float32 reordering, "
+            f"adaptive: leaves within score margin {margin} of the best): leaves_to_search<={cap},reorder=200")
+    sweep[name] = dict(timings[cap], recall=recall_at_k(fns[cap](), exact, k),
+                       queries_per_s=num_queries / timings[cap]["median_s"], build_s=tuned_build["adaptive"],
+                       index_mb=tuned_mb["adaptive"], leaves_searched_mean=float(searched.mean()),
+                       leaves_searched_p10_p50_p90=[float(x) for x in np.percentile(searched, [10, 50, 90])])
   del searchers
   gc.collect()
   for name, m in methods.items():
@@ -170,6 +208,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   best = max(qualifying, key=lambda n: qualifying[n]["queries_per_s"]) if qualifying else None
   result.update(
       methods=methods, scann_sweep=sweep, tuned_config=dataclasses.asdict(tuned["bfloat16"]),
+      tuned_adaptive_config=dataclasses.asdict(tuned["adaptive"]),
       scann_default_speedup_vs_best_exact=methods["scann/default"]["queries_per_s"] / best_exact,
       scann_best_at_095=best,
       scann_best_at_095_speedup_vs_best_exact=(qualifying[best]["queries_per_s"] / best_exact) if best else None,

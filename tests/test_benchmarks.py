@@ -54,11 +54,62 @@ def test_search_section_small():
   assert result["tuned_config"]["training_sample_size"] == 3000
   assert result["tuned_config"]["spherical"] and result["tuned_config"]["dimensions_per_block"] == 4
   # The tuned index is searched with bfloat16 and float32 reordering at the same settings.
-  tuned = [name for name in result["scann_sweep"] if name.startswith("tuned")]
+  tuned = [name for name in result["scann_sweep"] if name.startswith("tuned") and "adaptive" not in name]
   assert {name.split(" reordering")[0].split(", ")[-1] for name in tuned} == {"bfloat16", "float32"}
+  # Query-adaptive leaf selection on the same index: a query searches at least its best leaf and at most the cap,
+  # and the margin lets queries search fewer leaves than the cap on average.
+  assert result["tuned_adaptive_config"]["leaf_score_margin"] == 0.19
+  adaptive = {name: row for name, row in result["scann_sweep"].items() if "adaptive" in name}
+  assert len(adaptive) == 1
+  for name, row in adaptive.items():
+    cap = int(name.split("leaves_to_search<=")[1].split(",")[0])
+    p10, p50, p90 = row["leaves_searched_p10_p50_p90"]
+    assert 1 <= p10 <= p50 <= p90 <= cap and 1 <= row["leaves_searched_mean"] < cap, row
+    assert row["recall"] > 0.5
   # A bfloat16 reordering copy makes a smaller index than a float32 one.
   index_mb = {name.split(" reordering")[0].split(", ")[-1]: result["scann_sweep"][name]["index_mb"] for name in tuned}
   assert 0 < index_mb["bfloat16"] < index_mb["float32"]
+
+
+
+def test_search_section_counts_the_leaves_scann_searches_under_a_score_margin(tmp_path):
+  """Section 4's leaves-searched count for `leaf_score_margin` is what ScaNN does: on the same partition, a
+  fixed-count search of each query's counted leaves finds the same rows as the margin search."""
+  import dataclasses
+
+  from benchmarks.search import _leaf_centres, _leaves_within_margin
+  from mote_jax.retrieval.benchmark import clustered_vectors
+  from mote_jax.retrieval.search import ScannConfig, build_scann
+  corpus, mixture = clustered_vectors(20000, 64, clusters=200, noise=1.0, seed=3)
+  queries, _ = clustered_vectors(100, 64, noise=1.0, seed=4, mixture=mixture)
+  config = ScannConfig(num_leaves=100, num_leaves_to_search=30, soar_lambda=None, leaf_score_margin=0.1)
+
+  def build(config, name):
+    searcher = build_scann(corpus, 10, config)
+    (tmp_path / name).mkdir()
+    searcher.serialize(str(tmp_path / name))
+    return searcher, _leaf_centres(tmp_path / name)
+
+  # ScaNN's k-means is not always reproducible between builds (and numbers the leaves differently): build both
+  # kinds until a margin index and a fixed-count index share their leaf centres.
+  adaptive_builds, fixed_builds = [], []
+  for attempt in range(6):
+    adaptive_builds.append(build(config, f"adaptive{attempt}"))
+    fixed_builds.append(build(dataclasses.replace(config, leaf_score_margin=None), f"fixed{attempt}"))
+    pair = next(((a, f) for a in adaptive_builds for f in fixed_builds
+                 if np.array_equal(np.unique(a[1], axis=0), np.unique(f[1], axis=0))), None)
+    if pair:
+      break
+  else:
+    pytest.fail("six margin and six fixed-count builds share no partition")
+  (adaptive, centres), (fixed, _) = pair
+  assert centres.shape == (100, 64)
+  counts = _leaves_within_margin(queries, centres, 0.1, 30)
+  assert counts.min() == 1 and 1 < np.median(counts) < counts.max() <= 30, counts  # it does adapt
+  found, _ = adaptive.search_batched(queries)
+  for query, count, row in zip(queries, counts, np.asarray(found)):
+    expected, _ = fixed.search(query, leaves_to_search=int(count))
+    assert set(expected) == set(row), count
 
 
 def test_data_hardness_measures_known_dimension_and_separable_clusters():

@@ -108,3 +108,33 @@ def test_rescore_exactly_sorts_breaks_ties_and_scores_fillers_minus_inf():
 def test_scann_config_rejects_an_unknown_reorder_dtype():
   with pytest.raises(ValueError, match="reorder_dtype 'fp16'"):
     ScannConfig(reorder_dtype="fp16")
+
+
+def test_scann_leaf_score_margin_adapts_the_leaves_searched_per_query():
+  """`leaf_score_margin` switches ScaNN to ADDITIVE query spilling: margin 0 searches each query's best leaf
+  only, a margin wider than any score gap searches `num_leaves_to_search` leaves, as the fixed count does."""
+  from mote_jax.retrieval.benchmark import clustered_vectors
+  from mote_jax.retrieval.search import build_scann
+  corpus, mixture = clustered_vectors(20000, 64, clusters=200, noise=1.0, seed=3)
+  queries, _ = clustered_vectors(300, 64, noise=1.0, seed=4, mixture=mixture)
+  _, exact = _brute_force(queries, corpus, 10)
+
+  def recall(**fields):
+    fields = {"num_leaves": 100, "num_leaves_to_search": 30, "soar_lambda": None, **fields}
+    searcher = build_scann(corpus, 10, ScannConfig(**fields))
+    found, _ = searcher.search_batched(queries)
+    return recall_at_k(np.asarray(found), exact, 10), searcher.config()
+
+  fixed_one, _ = recall(num_leaves_to_search=1)
+  fixed, fixed_config = recall()
+  margin_zero, config = recall(leaf_score_margin=0.0)
+  margin_wide, _ = recall(leaf_score_margin=10.0)
+  assert "ADDITIVE" in config and "FIXED_NUMBER_OF_CENTERS" not in config and "ADDITIVE" not in fixed_config
+  assert fixed - fixed_one > 0.2, (fixed, fixed_one)  # the data needs more than one leaf
+  assert abs(margin_zero - fixed_one) < 0.03, (margin_zero, fixed_one)
+  assert abs(margin_wide - fixed) < 0.02, (margin_wide, fixed)
+
+
+def test_scann_config_rejects_a_negative_leaf_score_margin():
+  with pytest.raises(ValueError, match="leaf_score_margin -0.1"):
+    ScannConfig(leaf_score_margin=-0.1)
