@@ -128,10 +128,16 @@ def test_data_hardness_measures_known_dimension_and_separable_clusters():
   points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
   stats = hardness(points[:100], points[100:])
   assert stats["leaves"] == 63 and stats["leaf_share_for_recall"]["0.95"] <= 8 / 63, stats
+  # Adaptive leaf selection: the smallest margin reaching recall 0.95 visits no more leaves on average than the
+  # fixed count does, and the margin itself is a score gap between leaf centres (0 <= gap <= 2 for unit vectors).
+  adaptive = stats["adaptive_leaf_share_for_recall"]["0.95"]
+  assert adaptive["mean_share"] <= stats["leaf_share_for_recall"]["0.95"] and 0 <= adaptive["margin"] <= 2, stats
   # Isotropic unit vectors: no structure to partition, most leaves must be visited.
   iso = rng.standard_normal((4100, 384)).astype(np.float32)
   iso /= np.linalg.norm(iso, axis=1, keepdims=True)
-  assert hardness(iso[:100], iso[100:])["leaf_share_for_recall"]["0.95"] > 0.5
+  stats = hardness(iso[:100], iso[100:])
+  assert stats["leaf_share_for_recall"]["0.95"] > 0.5 and stats["adaptive_leaf_share_for_recall"]["0.95"][
+      "mean_share"] > 0.3, stats
 
 
 def test_profile_parser_counts_dot_flops():
