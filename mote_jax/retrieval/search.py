@@ -137,7 +137,7 @@ class ScannConfig:
   `ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`
   reached recall@10 0.95 at 120-135 leaves searched on 1M x 384 rows (benchmarks/RESULTS.md, section 4), at the cost
   of a ~4x longer build; with `leaf_score_margin=0.19, num_leaves_to_search=300` each query searches only the
-  leaves near its best one, which reached a higher recall at ~1.5x the queries/s there.
+  leaves near its best one, which reached the same recall at ~1.6x the queries/s there.
   """
 
   num_leaves: int | None = None
@@ -159,8 +159,8 @@ class ScannConfig:
   # Query-adaptive leaf selection: a query searches every leaf whose centroid's inner product with it is within
   # this margin of its best leaf's, at most num_leaves_to_search (ScaNN's ADDITIVE query spilling). A query deep
   # inside one cluster then searches few leaves and one on a boundary many. None: every query searches exactly
-  # num_leaves_to_search leaves. On 1M x 384 rows a margin of 0.19 with up to 300 leaves beat fixed leaf counts
-  # at equal recall by ~1.5x (benchmarks/RESULTS.md, section 4).
+  # num_leaves_to_search leaves. On 1M x 384 rows a margin of 0.19 with up to 150-300 leaves beat fixed leaf
+  # counts at equal recall by ~1.6x in queries/s (benchmarks/RESULTS.md, section 4).
   leaf_score_margin: float | None = None
   training_threads: int = 0  # 0: all cores
   search_threads: int = 0
