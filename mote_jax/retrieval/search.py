@@ -136,8 +136,8 @@ class ScannConfig:
   leaves with their k-means trained on every row search a smaller share of the data at the same recall:
   `ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`
   reached recall@10 0.95 at 120-135 leaves searched on 1M x 384 rows (benchmarks/RESULTS.md, section 4), at the cost
-  of a ~4x longer build; with `leaf_score_margin=0.19, num_leaves_to_search=300` each query searches only the
-  leaves near its best one, which reached the same recall at ~1.6x the queries/s there.
+  of a ~4x longer build; with `leaf_score_margin=0.19, num_leaves_to_search=150` (300 for more recall) each query
+  searches only the leaves near its best one, which reached the same recall at ~1.6x the queries/s there.
   """
 
   num_leaves: int | None = None
