@@ -22,8 +22,8 @@ For each set it prints, for the queries against the corpus:
 
 A random sample of the 1M rows keeps almost no cluster-mates (5,183 draws from 10,000 clusters), so it measures
 the mixture's background, not the tight per-cluster neighbourhoods that a 1M-row search sees (about 100 rows per
-cluster). A second synthetic set keeps that density: 5,183 rows and the queries drawn from 52 of the mixture's
-clusters (5,183 // 100 = 51), as many rows per cluster as the 1M corpus has.
+cluster). A second synthetic set keeps that density: 5,183 rows and the queries drawn from 51 of the mixture's
+clusters (5,183 // 100), as many rows per cluster as the 1M corpus has.
 
 Each set is measured `--samples` times: with a different k-means seed, and for the synthetic data a different
 random sample of its rows. Not part of `python -m benchmarks`; benchmarks/analysis.md quotes its output.
@@ -53,17 +53,20 @@ def hardness(queries: np.ndarray, corpus: np.ndarray, *, k_lid: int = 20, seed: 
   _, assignment = kmeans.index.search(corpus, 1)
   centroid_scores = queries @ kmeans.centroids.T  # [Q, leaves]
   centroid_rank = np.argsort(np.argsort(-centroid_scores, axis=1), axis=1)
-  # The visit rank of the leaf that holds each true top-10 neighbour: visiting m leaves finds those below m.
-  needed = np.take_along_axis(centroid_rank, assignment[:, 0][order[:, :10]], 1)
-  # The same per query as a score gap: a neighbour is found by visiting the leaves whose centres score within
-  # `margin` of the query's best centre (ScannConfig.leaf_score_margin) once margin >= its leaf's gap.
+  neighbour_leaves = assignment[:, 0][order[:, :10]]  # [Q, 10]: the leaf of each true top-10 neighbour
+  # The visit rank of each neighbour's leaf: visiting m leaves finds those below m.
+  needed = np.take_along_axis(centroid_rank, neighbour_leaves, 1)
+  # The same as a score gap: a neighbour is found by visiting the leaves whose centres score within `margin` of
+  # the query's best centre (ScannConfig.leaf_score_margin) once margin >= its leaf's gap.
   gaps = centroid_scores.max(axis=1, keepdims=True) - centroid_scores  # [Q, leaves]
-  needed_gap = np.take_along_axis(gaps, assignment[:, 0][order[:, :10]], 1)  # [Q, 10]
+  needed_gap = np.take_along_axis(gaps, neighbour_leaves, 1)  # [Q, 10]
   share, adaptive = {}, {}
   for target in (0.90, 0.95):
     visited = next(m for m in range(1, leaves + 1) if (needed < m).mean() >= target)
     share[f"{target:.2f}"] = round(visited / leaves, 3)
     margin = float(np.quantile(needed_gap, target, method="inverted_cdf"))  # smallest margin reaching target
+    # Visited as `gaps <= margin`, the rule the margin was read from: the same leaves as ScaNN's (score >= best -
+    # margin) but for float rounding at a margin equal to a gap, which would drop a neighbour the quantile counts.
     adaptive[f"{target:.2f}"] = {"margin": round(margin, 4),
                                  "mean_share": round(float((gaps <= margin).sum(axis=1).mean()) / leaves, 3)}
   return {"rows": len(corpus), "queries": len(queries), "participation_ratio": round(float(eig.sum() ** 2

@@ -43,9 +43,10 @@ def _leaf_centres(directory: Path) -> np.ndarray:
   return np.array([list(c.float_dimension) or list(c.dimension) for c in centres], np.float32)
 
 
-def _leaves_within_margin(queries: np.ndarray, centres: np.ndarray, margin: float, cap: int) -> np.ndarray:
-  """How many leaves each query [Q, dim] searches under ScaNN's ADDITIVE query spilling: those whose centre
-  scores within `margin` of its best centre's, at most `cap` -> [Q]."""
+def leaves_within_margin(queries: np.ndarray, centres: np.ndarray, margin: float, cap: int) -> np.ndarray:
+  """How many leaves each query [Q, dim] searches under ScaNN's ADDITIVE query spilling
+  (`ScannConfig.leaf_score_margin`): those whose centre [leaves, dim] scores within `margin` of its best
+  centre's, at most `cap` -> [Q]."""
   scores = queries @ centres.T
   return np.minimum((scores >= scores.max(axis=1, keepdims=True) - margin).sum(axis=1), cap)
 
@@ -194,7 +195,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   fns = {cap: functools.partial(tuned_search, "adaptive", cap, 200) for cap in caps}
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats, log=lambda _: None)
   for cap in caps:
-    searched = _leaves_within_margin(queries, centres, margin, cap)
+    searched = leaves_within_margin(queries, centres, margin, cap)
     name = (f"tuned (leaves={tuned_leaves} trained on all rows, spherical, 4 dims/block, float32 reordering, "
             f"adaptive: leaves within score margin {margin} of the best): leaves_to_search<={cap},reorder=200")
     sweep[name] = dict(timings[cap], recall=recall_at_k(fns[cap](), exact, k),

@@ -71,13 +71,12 @@ def test_search_section_small():
   assert 0 < index_mb["bfloat16"] < index_mb["float32"]
 
 
-
 def test_search_section_counts_the_leaves_scann_searches_under_a_score_margin(tmp_path):
   """Section 4's leaves-searched count for `leaf_score_margin` is what ScaNN does: on the same partition, a
   fixed-count search of each query's counted leaves finds the same rows as the margin search."""
   import dataclasses
 
-  from benchmarks.search import _leaf_centres, _leaves_within_margin
+  from benchmarks.search import _leaf_centres, leaves_within_margin
   from mote_jax.retrieval.benchmark import clustered_vectors
   from mote_jax.retrieval.search import ScannConfig, build_scann
   corpus, mixture = clustered_vectors(20000, 64, clusters=200, noise=1.0, seed=3)
@@ -104,7 +103,7 @@ def test_search_section_counts_the_leaves_scann_searches_under_a_score_margin(tm
     pytest.fail("six margin and six fixed-count builds share no partition")
   (adaptive, centres), (fixed, _) = pair
   assert centres.shape == (100, 64)
-  counts = _leaves_within_margin(queries, centres, 0.1, 30)
+  counts = leaves_within_margin(queries, centres, 0.1, 30)
   assert counts.min() == 1 and 1 < np.median(counts) < counts.max() <= 30, counts  # it does adapt
   found, _ = adaptive.search_batched(queries)
   for query, count, row in zip(queries, counts, np.asarray(found)):
