@@ -2,15 +2,22 @@
 
 Every variant is the real `Trainer` step with one change, timed round-robin against the production baseline
 (mote, fp32, MLM logits at masked positions 48/72, dropout 0.1 on hidden states and attention probabilities).
-The first eight undo an optimisation that production adopted after this section measured it:
+The first twelve undo an optimisation that production adopted after this section measured it:
 
   argmax-accuracy        the MLM accuracy metric as `argmax == label` (production: `target logit >= max logit`,
                          sharing logsumexp's max; a variadic (value, index) reduce over 30,522 words is slow
                          on XLA:CPU)
   bias-grad-by-reduce    the MLM head's output-bias gradient as XLA's column reduction of dlogits (production:
                          `layers.add_vocab_bias`, a GEMV ones @ dlogits)
-  dropout-32bit          `nn.Dropout`, one threefry evaluation per element (production: `layers.Dropout`, 16
-                         bits per element, two elements per threefry word)
+  dropout-32bit          `nn.Dropout`, one threefry evaluation per element (production: `layers.Dropout`, a
+                         keyed integer hash of each element's position, `layers.hashed_bits`)
+  dropout-threefry16     16 threefry bits per element, two elements per word (what `layers.Dropout` drew before
+                         the hash)
+  optax-clip             `optax.clip_by_global_norm`, which selects between the gradient and a clipped copy and
+                         computes the norm again inside the update (production: `optimizer.clip_by_global_norm`,
+                         torch's scalar coefficient, given the step's norm)
+  no-region-analysis     the step compiled with XLA:CPU's default copy insertion (production:
+                         `trainer.step_compiler_options`, region analysis on)
   sequence-major-attention  attention in the [B, L, N, D] layout (production: head-major [B, N, L, D])
   select-skip            the non-finite step skip as a select per parameter and moment (production: lax.cond)
   dynamic-expert-freeze  AdamW over every parameter, then experts whose gradient is all zero frozen
@@ -48,8 +55,8 @@ import jax.numpy as jnp
 
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
-ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "sequence-major-attention", "select-skip",
-       "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads", "autodiff-vocab-projection",
+ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "dropout-threefry16", "optax-clip",
+       "no-region-analysis", "sequence-major-attention", "select-skip", "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads", "autodiff-vocab-projection",
        "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
@@ -170,15 +177,37 @@ def _whole_stack_pad(slices, parts, like):
   return parts
 
 
+class _Threefry16Dropout(nn.Module):
+  """Inverted dropout with 16 threefry bits per element, two elements per 32-bit word (`layers.Dropout` until
+  it hashed positions instead)."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    *lead, n = x.shape
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, (n + 1) // 2), jnp.uint32)
+    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :n]
+    keep = bits >= jnp.uint32(round(self.rate * 65536))
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
 def _patches(name: str) -> dict:
+  import optax
+
   from mote_jax.model import layers
   from mote_jax.objectives import losses
-  from mote_jax.training import trainer
+  from mote_jax.training import optimizer, trainer
   return {"argmax-accuracy": {(losses, "token_cross_entropy"): _token_cross_entropy_by_argmax},
           "sequence-major-attention": {(layers, "SelfAttention"): sequence_major_attention_class()},
           "select-skip": {(trainer.Trainer, "_train_step"): _train_step_with_select},
           "bias-grad-by-reduce": {(layers, "add_vocab_bias"): _add_bias_plain},
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
+          "dropout-threefry16": {(layers, "Dropout"): _Threefry16Dropout},
+          "optax-clip": {(optimizer, "clip_by_global_norm"): optax.clip_by_global_norm},
+          "no-region-analysis": {(trainer, "step_compiler_options"): lambda mesh: {}},
           "dot-product-attention": {(layers, "SelfAttention"): _dpa_attention_class()},
           "autodiff-weight-grads": {(layers, "linear"): _linear_by_autodiff},
           "autodiff-vocab-projection": {(layers, "tied_logits"): _tied_logits_by_autodiff},

@@ -16,8 +16,9 @@ from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.training.checkpointing import Checkpointer
-from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, decay_mask, expert_axes,
-                                         learning_rate_schedule, make_optimizer, routed_slices, take_routed)
+from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, clip_by_global_norm,
+                                         decay_mask, expert_axes, learning_rate_schedule, make_optimizer,
+                                         routed_slices, take_routed)
 from mote_jax.training.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
 
@@ -83,6 +84,25 @@ def test_decay_mask_spares_biases_and_layer_norms():
               "layer_norm_bias": False}}
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and left alone
+def test_clip_by_global_norm_is_torchs_clip_grad_norm(max_norm):
+  rng = np.random.default_rng(0)
+  grads = {"a": rng.normal(size=(7, 5)).astype(np.float32), "b": rng.normal(size=(11,)).astype(np.float32)}
+  tensors = {k: torch.nn.Parameter(torch.zeros(v.shape)) for k, v in grads.items()}
+  for k, t in tensors.items():
+    t.grad = torch.tensor(grads[k])
+  norm = float(torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm))
+  clip = clip_by_global_norm(max_norm)
+  clipped, _ = jax.jit(clip.update)(jax.tree.map(jnp.asarray, grads), clip.init(grads))
+  for k, t in tensors.items():
+    np.testing.assert_allclose(clipped[k], t.grad.numpy(), rtol=1e-6, atol=0)
+  if max_norm > norm:
+    jax.tree.map(np.testing.assert_array_equal, clipped, grads)
+  # A norm the caller passes is used instead of the one computed here (the train step passes the norm it has).
+  given, _ = clip.update(grads, clip.init(grads), global_norm=jnp.float32(4 * max_norm))
+  np.testing.assert_allclose(given["a"], grads["a"] * max_norm / (4 * max_norm + 1e-6), rtol=1e-6)
+
+
 @pytest.mark.parametrize("routing", ["static", "dynamic"])
 def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
   """Three AdamW steps (with clipping) on expert 1 only: expert 1 and the shared scale follow
@@ -107,7 +127,9 @@ def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
   batch = next(_batches(0))
   for _ in range(3):
     grads = jax.grad(lambda p: _loss(p, batch, None, True)[0])(params)
-    updates, state = tx.update(grads, state, params)
+    # The static path is given the norm, as the train step gives it; the dynamic path computes it.
+    extra = {"global_norm": optax.global_norm(grads)} if routing == "static" else {}
+    updates, state = tx.update(grads, state, params, **extra)
     new = optax.apply_updates(params, updates)
     if routing == "static":  # what the Trainer applies: the routed slices only, the same values
       jax.tree.map(np.testing.assert_array_equal, apply_routed_updates(params, updates, slices), new)

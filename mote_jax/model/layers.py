@@ -88,13 +88,58 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, cfg.layer_norm_eps)
 
 
-class Dropout(nn.Module):
-  """Inverted dropout, as `nn.Dropout`, drawing 16 random bits per element: two elements per threefry word.
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' integer-hash search): a bijection of uint32 with near-ideal avalanche (every input bit
+  flips every output bit with probability ~1/2)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
-  `nn.Dropout` spends one threefry2x32 evaluation per element; on CPU those random bits were ~10% of the MiniLM
-  pre-training step (benchmarks/RESULTS.md, profile). The drop probability is `rate` rounded to 1/65536. The
-  bits are drawn along the last axis only, so leading (batch) axes keep their sharding and, as with threefry
-  generally, the mask does not depend on the mesh.
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 row-major position of each element of `shape`, built from iotas (so SPMD partitions it: each shard
+  gets its own global positions)."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return index
+
+
+def hashed_bits(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 [*shape] pseudo-random bits: a keyed hash of each element's (row, column) position.
+
+  seeds: uint32 [2], fresh per call (drawn with threefry from the layer's rng). Element (r, c), r the row-major
+  index over the leading axes and c the last axis's, gets mix(mix(r ^ s0) ^ c * 0x9E3779B9 ^ s1), with `mix`
+  the lowbias32 bijection. The row word is computed once per row ([*lead, 1]) and the element hash fuses into
+  its consumer, so the bits cost a handful of integer ops per element and are never written out, where
+  threefry2x32 costs ~20 rounds per 64 bits in a fusion of its own. Within a row the hashed inputs are distinct
+  (the column is multiplied by an odd constant), so a row's bits are a keyed bijection of its positions; the
+  XOR (not a sum) with the row word keeps two rows from being shifted copies of each other. Rows and columns
+  must each number fewer than 2^32.
+  """
+  *lead, n = shape
+  rows = 1
+  for d in lead:
+    rows *= d
+  if rows >= 2**32 or n >= 2**32:
+    raise ValueError(f"hashed_bits: shape {shape} has more than 2^32 rows or columns")
+  row_word = _mix32(_flat_index((*lead, 1)) ^ seeds[0])
+  column = jax.lax.broadcasted_iota(jnp.uint32, (*(1,) * len(lead), n), len(lead)) * jnp.uint32(0x9E3779B9)
+  return _mix32(row_word ^ column ^ seeds[1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout, as `nn.Dropout`, with `hashed_bits` (a keyed integer hash of each element's position)
+  in place of one threefry2x32 evaluation per element.
+
+  Only the two 32-bit seeds come from threefry, so the layer's rng stream (and `fold_in` per step) work as
+  with `nn.Dropout`. On CPU, threefry bits (even 16 per element, two elements per word, this layer before)
+  cost ~4% of the MiniLM pre-training step, as much as dropout altogether costs with hashed bits:
+  benchmarks/analysis.md. The drop probability is `rate` rounded to 1/2^32. The bits depend on the global
+  shape only, so the mask does not depend on the mesh.
   """
 
   rate: float
@@ -105,10 +150,8 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    *lead, n = x.shape
-    words = jax.random.bits(self.make_rng("dropout"), (*lead, (n + 1) // 2), jnp.uint32)
-    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :n]
-    keep = bits >= jnp.uint32(round(self.rate * 65536))
+    seeds = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+    keep = hashed_bits(seeds, x.shape) >= jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
     return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
 
 

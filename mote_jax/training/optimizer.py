@@ -75,9 +75,9 @@ def freeze_unrouted_experts(inner: optax.GradientTransformation, axes) -> optax.
     other = tuple(i for i in range(grad.ndim) if i != axis)
     return jnp.any(grad != 0, axis=other, keepdims=True)
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, **extra_args):
     masks = jax.tree.map(routed, grads, axes, is_leaf=is_axis)
-    updates, new_state = inner.update(grads, state, params)
+    updates, new_state = optax.with_extra_args_support(inner).update(grads, state, params, **extra_args)
     updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
     # The state holds param-shaped trees (Adam's moments) and other fields (counts): a state-shaped tree of
     # masks (True for the other fields) lets one tree_map keep the old moments of unrouted experts.
@@ -86,7 +86,7 @@ def freeze_unrouted_experts(inner: optax.GradientTransformation, axes) -> optax.
     new_state = jax.tree.map(lambda new, old, m: jnp.where(m, new, old), new_state, state, state_masks)
     return updates, new_state
 
-  return optax.GradientTransformation(inner.init, update)
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,22 +186,44 @@ def skip_unrouted(inner: optax.GradientTransformation, slices) -> optax.Gradient
   """
   is_routed = lambda x: isinstance(x, Routed)  # noqa: E731
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, **extra_args):
     # A `Routed` per state leaf: the parameter's for Adam's moments, whole (Routed()) for counts and the like.
     state_slices = optax.tree_utils.tree_map_params(inner, lambda _, sl: sl, state, slices,
                                                     transform_non_params=lambda _: Routed(), is_leaf=is_routed)
     sub_state = take_routed(state_slices, state)
-    sub_updates, sub_new = inner.update(take_routed(slices, grads), sub_state,
-                                        None if params is None else take_routed(slices, params))
+    sub_updates, sub_new = optax.with_extra_args_support(inner).update(
+        take_routed(slices, grads), sub_state, None if params is None else take_routed(slices, params),
+        **extra_args)
     updates = pad_routed(slices, sub_updates, grads)
     new_state = jax.tree.map(lambda sl, old, new: sl.put(old, new), state_slices, state, sub_new, is_leaf=is_routed)
     return updates, new_state
 
-  return optax.GradientTransformation(inner.init, update)
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def make_optimizer(config: OptimizerConfig, params, axes=None, slices=None) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformationExtraArgs:
+  """`torch.nn.utils.clip_grad_norm_` as a transformation: every gradient times min(1, max_norm / (norm + eps)).
+
+  PyTorch's (and so the reference recipes') form. One scalar multiplies every gradient, which XLA fuses into
+  AdamW's moment updates; `optax.clip_by_global_norm` selects between the gradient and its clipped copy, so the
+  copy is written out and both are read again by each moment update (~1/3 more AdamW memory traffic on CPU:
+  benchmarks/analysis.md). The update accepts `global_norm=` (extra argument) when the caller has the norm
+  already, as the train step does for its finiteness check; otherwise the norm is computed here.
+  """
+
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if global_norm is None else global_norm
+    coefficient = jnp.minimum(1.0, max_norm / (norm + eps))
+    return jax.tree.map(lambda g: g * coefficient.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def make_optimizer(config: OptimizerConfig, params, axes=None, slices=None) -> optax.GradientTransformationExtraArgs:
   """clip -> AdamW (masked decay, scheduled learning rate); unrouted experts frozen.
+
+  The update takes `global_norm=`, the gradient's global norm if the caller has it (see `clip_by_global_norm`).
 
   Gradient accumulation lives in the train step (micro-batches inside one jitted step), not here.
 
@@ -210,7 +232,7 @@ def make_optimizer(config: OptimizerConfig, params, axes=None, slices=None) -> o
   """
   chain = []
   if config.max_grad_norm:
-    chain.append(optax.clip_by_global_norm(config.max_grad_norm))
+    chain.append(clip_by_global_norm(config.max_grad_norm))
   chain.append(optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
                            weight_decay=config.weight_decay, mask=decay_mask(params)))
   tx = optax.chain(*chain)

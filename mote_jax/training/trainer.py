@@ -39,6 +39,19 @@ Batch = Mapping[str, np.ndarray]
 LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict]]
 
 
+def step_compiler_options(mesh) -> dict:
+  """XLA options for the jitted train step on `mesh`'s platform.
+
+  CPU: copy insertion with region analysis, which XLA:CPU leaves off by default. With it, fewer copies of the
+  state are made around the non-finite-skip conditional: 1.2% of the MiniLM pre-training step, the same losses
+  (benchmarks/analysis.md; RESULTS.md's 7a row no-region-analysis undoes it on every run). Other platforms:
+  XLA's defaults.
+  """
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
   num_steps: int = 1000
@@ -172,7 +185,9 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(parts):
-      updates, opt_state = self.optimizer.update(pad_routed(routed, parts, shapes), state.opt_state, state.params)
+      # The clip reuses the norm computed above (the branch would otherwise read every gradient again).
+      updates, opt_state = self.optimizer.update(pad_routed(routed, parts, shapes), state.opt_state, state.params,
+                                                 global_norm=grad_norm)
       return apply_routed_updates(state.params, updates, routed), opt_state
 
     # A non-finite step is skipped: params and optimizer state stay, the data stream moves on. A conditional
@@ -197,7 +212,8 @@ class Trainer:
     if self._step_fn is None:
       shardings = self.state_shardings(state)
       self._step_fn = self.partitioner.jit(self._train_step, in_shardings=(shardings, None),
-                                           out_shardings=(shardings, self._replicated), donate_argnums=(0,))
+                                           out_shardings=(shardings, self._replicated), donate_argnums=(0,),
+                                           compiler_options=step_compiler_options(self.partitioner.mesh))
       self._eval_fn = self.partitioner.jit(self._eval_step, in_shardings=(self.param_shardings, None),
                                            out_shardings=self._replicated)
     return self._step_fn
