@@ -125,7 +125,8 @@ def hashed_bits(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   for d in lead:
     rows *= d
   if rows >= 2**32 or n >= 2**32:
-    raise ValueError(f"hashed_bits: shape {shape} has more than 2^32 rows or columns")
+    raise ValueError(f"hashed_bits: shape {shape} has 2^32 rows or columns or more (row-major rows over the "
+                     f"leading axes, columns along the last)")
   row_word = _mix32(_flat_index((*lead, 1)) ^ seeds[0])
   column = jax.lax.broadcasted_iota(jnp.uint32, (*(1,) * len(lead), n), len(lead)) * jnp.uint32(0x9E3779B9)
   return _mix32(row_word ^ column ^ seeds[1])

@@ -42,10 +42,11 @@ LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict]]
 def step_compiler_options(mesh) -> dict:
   """XLA options for the jitted train step on `mesh`'s platform.
 
-  CPU: copy insertion with region analysis, which XLA:CPU leaves off by default. With it, fewer copies of the
-  state are made around the non-finite-skip conditional: 1.2% of the MiniLM pre-training step, the same losses
-  (benchmarks/analysis.md; RESULTS.md's 7a row no-region-analysis undoes it on every run). Other platforms:
-  XLA's defaults.
+  CPU: copy insertion with region analysis, which XLA:CPU leaves off by default. Without it, every expert-stacked
+  parameter and Adam moment (whole [E, H, F] stacks) is copied around the in-place updates of their routed
+  slices inside the non-finite-skip conditional: 1,301 copy instructions in the compiled MiniLM pre-training
+  step against 805 with it, and ~1.5% of its time, with the same losses (benchmarks/analysis.md; RESULTS.md's
+  7a row no-region-analysis undoes it on every run). Other platforms: XLA's defaults.
   """
   if mesh.devices.flat[0].platform == "cpu":
     return {"xla_cpu_copy_insertion_use_region_analysis": True}
