@@ -138,7 +138,7 @@ class Dropout(nn.Module):
 
   Only the two 32-bit seeds come from threefry, so the layer's rng stream (and `fold_in` per step) work as
   with `nn.Dropout`. On CPU, threefry bits (even 16 per element, two elements per word, this layer before)
-  cost ~4% of the MiniLM pre-training step, as much as dropout altogether costs with hashed bits:
+  cost 4–5% of the MiniLM pre-training step, more than dropout altogether costs with hashed bits:
   benchmarks/analysis.md. The drop probability is `rate` rounded to 1/2^32. The bits depend on the global
   shape only, so the mask does not depend on the mesh.
   """

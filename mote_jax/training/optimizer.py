@@ -207,7 +207,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTra
   PyTorch's (and so the reference recipes') form. One scalar multiplies every gradient, which XLA fuses into
   AdamW's moment updates; `optax.clip_by_global_norm` selects between the gradient and its clipped copy, so the
   copy is written out and both are read again by each moment update (14 passes over the word-embedding-sized
-  arrays per step instead of 10, counted in the compiled MiniLM step; ~1.5% of that step: benchmarks/analysis.md). The update accepts `global_norm=` (extra argument) when the caller has the norm
+  arrays per step instead of 10, counted in the compiled MiniLM step; 1.7–1.8% of that step: benchmarks/analysis.md). The update accepts `global_norm=` (extra argument) when the caller has the norm
   already, as the train step does for its finiteness check; otherwise the norm is computed here.
   """
 

@@ -45,7 +45,7 @@ def step_compiler_options(mesh) -> dict:
   CPU: copy insertion with region analysis, which XLA:CPU leaves off by default. Without it, every expert-stacked
   parameter and Adam moment (whole [E, H, F] stacks) is copied around the in-place updates of their routed
   slices inside the non-finite-skip conditional: 1,301 copy instructions in the compiled MiniLM pre-training
-  step against 805 with it, and ~1.5% of its time, with the same losses (benchmarks/analysis.md; RESULTS.md's
+  step against 805 with it, and 1.2–2.0% of its time (in-process A/B; 7a), with the same losses (benchmarks/analysis.md; RESULTS.md's
   7a row no-region-analysis undoes it on every run). Other platforms: XLA's defaults.
   """
   if mesh.devices.flat[0].platform == "cpu":
