@@ -56,8 +56,8 @@ import jax.numpy as jnp
 from benchmarks.common import load1, patched, section_main, summary, time_interleaved
 
 ALL = ("argmax-accuracy", "bias-grad-by-reduce", "dropout-32bit", "dropout-threefry16", "optax-clip",
-       "no-region-analysis", "sequence-major-attention", "select-skip", "dynamic-expert-freeze", "whole-stack-updates", "autodiff-weight-grads", "autodiff-vocab-projection",
-       "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
+       "no-region-analysis", "sequence-major-attention", "select-skip", "dynamic-expert-freeze",
+       "whole-stack-updates", "autodiff-weight-grads", "autodiff-vocab-projection", "no-attention-dropout", "dot-product-attention", "no-dropout", "bf16", "remat", "scan")
 
 
 def _sequence_major_attention(core):
