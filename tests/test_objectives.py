@@ -175,11 +175,18 @@ def test_cotmae_losses_match_torch(parity_setup):
   assert 0.0 <= metrics["encoder_mlm_accuracy"] <= 1.0
 
 
-def test_cotmae_gradients_match_torch(parity_setup):
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_cotmae_gradients_match_torch(parity_setup, masked_only):
   """Gradients of encoder + decoder MLM loss against torch autograd of the reference, for every kind of
   product the model differentiates: the attention projections (`layers.linear`'s custom VJP), the routed
-  expert's FFN, the MLM head transform, the tied word embeddings (input, two MLM heads) and the decoder."""
+  expert's FFN, the MLM head transform, the tied word embeddings (input, two MLM heads) and the decoder.
+  masked_only: logits at the masked positions only, both losses through one MLM-head call (`_joint_mlm_parts`)."""
   model, params, torch_model, layers, batch = parity_setup
+  if masked_only:
+    most = int(max((batch[f"{p}_labels"] != IGNORE_INDEX).sum(1).max() for p in ("anchor", "context")))
+    model = PretrainModel(model.config, model.objective.replace(encoder_max_predictions=most,
+                                                                decoder_max_predictions=most))
+    assert model.joint_mlm_head("query", "passage")
   torch_model.zero_grad(set_to_none=True)
   for layer in layers:
     layer.zero_grad(set_to_none=True)
@@ -266,6 +273,11 @@ def test_masked_position_logits_give_the_same_loss(parity_setup):
   most = max((batch[f"{p}_labels"] != IGNORE_INDEX).sum(1).max() for p in ("anchor", "context"))
   gathered = PretrainModel(model.config, ObjectiveConfig(encoder_max_predictions=int(most),
                                                          decoder_max_predictions=int(most)))
+  assert gathered.joint_mlm_head("passage", "passage")  # one head call for both losses
+  separated = PretrainModel(model.config.replace(tower_mode="separated"), gathered.objective)
+  assert not separated.joint_mlm_head("query", "passage")  # two towers: two heads
+  assert not PretrainModel(model.config, gathered.objective.replace(bow_weight=0.5)).joint_mlm_head(
+      "passage", "passage")
   _, sparse = _loss(gathered, params, batch, "passage", "passage")
   for key in ("encoder_mlm_loss", "decoder_mlm_loss", "encoder_mlm_accuracy", "decoder_mlm_tokens"):
     assert abs(sparse[key] - full[key]) <= 1e-5, key
@@ -385,9 +397,12 @@ def test_multi_stream_weighting(tokenizer, scifact_sentences):
   assert abs(float(metrics["a/loss"]) - a_loss) <= 1e-5
 
 
-def test_same_loss_on_one_device_and_a_4x2_mesh(tokenizer, scifact_sentences):
+@pytest.mark.parametrize("objective", [ObjectiveConfig(decoder_init="encoder", bow_weight=0.5),
+                                       ObjectiveConfig(encoder_max_predictions=8, decoder_max_predictions=12)],
+                         ids=["bow", "joint-mlm-head"])
+def test_same_loss_on_one_device_and_a_4x2_mesh(tokenizer, scifact_sentences, objective):
   config = SMALL.replace(scan_layers=True)
-  model = PretrainModel(config, ObjectiveConfig(decoder_init="encoder", bow_weight=0.5))
+  model = PretrainModel(config, objective)
   partitioner = Partitioner.create(MeshConfig(data=4, model=2))
   params, _ = partitioner.init(model.init, jax.random.PRNGKey(0))
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(params))
@@ -399,5 +414,5 @@ def test_same_loss_on_one_device_and_a_4x2_mesh(tokenizer, scifact_sentences):
   host_params = jax.device_put(jax.device_get(params), device)
   loss, metrics = jax.jit(fn)(host_params, jax.device_put(batch, device))
   assert abs(float(sharded_loss) - float(loss)) <= 1e-5, (float(sharded_loss), float(loss))
-  for key in ("encoder_mlm_loss", "decoder_mlm_loss", "bow_loss"):
+  for key in ("encoder_mlm_loss", "decoder_mlm_loss") + (("bow_loss",) if objective.bow_weight else ()):
     assert abs(float(sharded_metrics[key]) - float(metrics[key])) <= 1e-5, key

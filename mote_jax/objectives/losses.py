@@ -33,6 +33,12 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> dict[str, jax.A
   anyway, while a separate argmax is a (value, index) reduction over the vocabulary that XLA:CPU runs slowly
   (~60 ms of a 0.74 s MiniLM step; benchmarks/RESULTS.md).
   """
+  return {name: value.sum() for name, value in token_cross_entropy_terms(logits, labels).items()}
+
+
+def token_cross_entropy_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Per-position terms of `token_cross_entropy`: float32 [...] {"sum": CE (0 where not predicted), "correct":
+  1 for a hit, "count": 1 where predicted}; their sums over any set of positions are that set's sums."""
   logits = logits.astype(jnp.float32)
   valid = labels != IGNORE_INDEX
   safe_labels = jnp.where(valid, labels, 0)  # any in-range id; the position is masked out below
@@ -41,8 +47,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> dict[str, jax.A
   target = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
   nll = jnp.where(valid, log_z - target, 0.0)
   correct = jnp.where(valid, target >= top, False)
-  return {"sum": nll.sum(), "correct": correct.sum().astype(jnp.float32),
-          "count": valid.sum().astype(jnp.float32)}
+  return {"sum": nll, "correct": correct.astype(jnp.float32), "count": valid.astype(jnp.float32)}
 
 
 def gather_masked(hidden: jax.Array, labels: jax.Array, max_predictions: int) -> tuple[jax.Array, jax.Array]:

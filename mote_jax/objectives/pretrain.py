@@ -250,7 +250,8 @@ class PretrainModel:
       representation = losses.bow_representation(logits, token_mask, obj.bow_activation)
       targets = losses.bow_targets(original, token_mask, self.config.vocab_size)
       parts.update({f"bow_{k}": v for k, v in losses.bow_loss(representation, targets).items()})
-    elif obj.encoder_mlm_weight > 0:
+    joint_head = self.joint_mlm_head(anchor_type, context_type)
+    if obj.encoder_mlm_weight > 0 and not use_bow and not joint_head:
       parts.update(self._mlm_parts(hidden, a_labels, obj.encoder_max_predictions, anchor_type, encoder_vars,
                                    "encoder_mlm"))
 
@@ -260,8 +261,44 @@ class PretrainModel:
                                  rngs=rngs(keys[1]), method=MoteEncoder.embed_tokens)  # [B, L, H]
       decoded = self.decoder.apply({"params": params["decoder"]}, hidden[:, 0], embeddings, c_mask,
                                    deterministic, rngs=rngs(keys[2]))  # [B, L, H]
-      parts.update(self._mlm_parts(decoded, batch["context_labels"], obj.decoder_max_predictions, context_type,
-                                   encoder_vars, "decoder_mlm"))
+      if joint_head:
+        parts.update(self._joint_mlm_parts(hidden, a_labels, decoded, batch["context_labels"], anchor_type,
+                                           encoder_vars))
+      else:
+        parts.update(self._mlm_parts(decoded, batch["context_labels"], obj.decoder_max_predictions,
+                                     context_type, encoder_vars, "decoder_mlm"))
+    return parts
+
+  def joint_mlm_head(self, anchor_type: str, context_type: str) -> bool:
+    """Whether the encoder and decoder MLM losses share one MLM-head call (`_joint_mlm_parts`): both on, at
+    masked positions only, no bag of words, and both text types routed to the same tower (so the same head)."""
+    obj = self.objective
+    return (obj.encoder_mlm_weight > 0 and obj.decoder_mlm_weight > 0 and obj.bow_weight == 0
+            and obj.encoder_max_predictions is not None and obj.decoder_max_predictions is not None
+            and self.config.route(anchor_type)[0] == self.config.route(context_type)[0])
+
+  def _joint_mlm_parts(self, hidden, labels, decoded, context_labels, anchor_type, encoder_vars):
+    """Encoder and decoder MLM sums and counts from one MLM-head call over both sets of masked positions.
+
+    hidden / decoded: [B, L, H] and [B, L', H] states; labels / context_labels: [B, L] and [B, L']. The first
+    P and P' masked positions of each row are gathered and joined along the position axis ([B, P + P', H], so
+    a batch-sharded layout stays batch-sharded): the head's three vocabulary GEMMs run once with B (P + P')
+    rows instead of twice, and the embedding and output-bias gradients come out as one [V, H] and one [V]
+    array instead of two to be added. The head is row-wise, so every logit is the one separate calls give (up
+    to the GEMMs' summation order).
+    """
+    obj = self.objective
+    parts = {"encoder_mlm_dropped": losses.dropped_predictions(labels, obj.encoder_max_predictions),
+             "decoder_mlm_dropped": losses.dropped_predictions(context_labels, obj.decoder_max_predictions)}
+    enc_hidden, enc_labels = losses.gather_masked(hidden, labels, obj.encoder_max_predictions)
+    dec_hidden, dec_labels = losses.gather_masked(decoded, context_labels, obj.decoder_max_predictions)
+    logits = _constrain_logits(self.encoder.apply(encoder_vars, jnp.concatenate([enc_hidden, dec_hidden], axis=1),
+                                                  expert=anchor_type, method=MoteEncoder.mlm_logits))
+    terms = losses.token_cross_entropy_terms(logits, jnp.concatenate([enc_labels, dec_labels], axis=1))
+    split = enc_labels.shape[1]
+    for name, value in terms.items():
+      parts[f"encoder_mlm_{name}"] = value[:, :split].sum()
+      parts[f"decoder_mlm_{name}"] = value[:, split:].sum()
     return parts
 
   def loss_fn(self, params: PyTree, batch: Batch, *, anchor_type: str, context_type: str,
