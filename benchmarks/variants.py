@@ -7,8 +7,8 @@ The first thirteen undo an optimisation that production adopted after this secti
   argmax-accuracy        the MLM accuracy metric as `argmax == label` (production: `target logit >= max logit`,
                          sharing logsumexp's max; a variadic (value, index) reduce over 30,522 words is slow
                          on XLA:CPU)
-  bias-grad-by-reduce    the MLM head's output-bias gradient as XLA's column reduction of dlogits (production:
-                         `layers.add_vocab_bias`, a GEMV ones @ dlogits)
+  bias-grad-by-reduce    bias gradients (the MLM head's, the dense layers', the position embeddings') as XLA's
+                         reductions over the leading axes (production: `layers.add_bias`, a GEMV ones @ dy)
   dropout-32bit          `nn.Dropout`, one threefry evaluation per element (production: `layers.Dropout`, a
                          keyed integer hash of each element's position, `layers.hashed_bits`)
   dropout-threefry16     16 threefry bits per element, two elements per word (what `layers.Dropout` drew before
@@ -150,8 +150,8 @@ def _token_cross_entropy_terms_by_argmax(logits, labels):
   return {"sum": nll, "correct": correct.astype(jnp.float32), "count": valid.astype(jnp.float32)}
 
 
-def _add_bias_plain(logits, bias):
-  return logits + bias
+def _add_bias_plain(x, bias):
+  return x + bias
 
 
 def _linear_by_autodiff(x, kernel):
@@ -208,7 +208,7 @@ def _patches(name: str) -> dict:
           "separate-mlm-heads": {(PretrainModel, "joint_mlm_head"): lambda self, anchor_type, context_type: False},
           "sequence-major-attention": {(layers, "SelfAttention"): sequence_major_attention_class()},
           "select-skip": {(trainer.Trainer, "_train_step"): _train_step_with_select},
-          "bias-grad-by-reduce": {(layers, "add_vocab_bias"): _add_bias_plain},
+          "bias-grad-by-reduce": {(layers, "add_bias"): _add_bias_plain},
           "dropout-32bit": {(layers, "Dropout"): nn.Dropout},
           "dropout-threefry16": {(layers, "Dropout"): _Threefry16Dropout},
           "optax-clip": {(optimizer, "clip_by_global_norm"): optax.clip_by_global_norm},

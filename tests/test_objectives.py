@@ -202,7 +202,11 @@ def test_cotmae_gradients_match_torch(parity_setup, masked_only):
                                  torch_model.bert.embeddings.word_embeddings.weight),
              "mlm transform": (grads["encoder"]["tower"]["mlm_head"]["transform"]["kernel"].T,
                                torch_model.cls.predictions.transform.dense.weight),
-             "mlm bias": (grads["encoder"]["tower"]["mlm_head"]["bias"], torch_model.cls.predictions.bias)}
+             "mlm bias": (grads["encoder"]["tower"]["mlm_head"]["bias"], torch_model.cls.predictions.bias),
+             # the position rows broadcast over the batch by `layers.add_bias` (a GEMV gradient); rows past the
+             # sequence length get none
+             "position embeddings": (grads["encoder"]["tower"]["embeddings"]["position_embeddings"]["embedding"],
+                                     torch_model.bert.embeddings.position_embeddings.weight)}
     for i in (0, len(bert) - 1):
       att, ffn = enc[f"layer_{i}"]["attention"], enc[f"layer_{i}"]["ffn"]
       for proj in ("query", "key", "value"):
@@ -215,6 +219,8 @@ def test_cotmae_gradients_match_torch(parity_setup, masked_only):
       pairs[f"layer {i} intermediate"] = (ffn["intermediate_kernel"][expert].T, bert[i].intermediate.dense.weight)
       pairs[f"layer {i} output"] = (ffn["output_kernel"][expert].T, bert[i].output.dense.weight)
       pairs[f"layer {i} output bias"] = (ffn["output_bias"][expert], bert[i].output.dense.bias)
+      pairs[f"layer {i} intermediate bias"] = (ffn["intermediate_bias"][expert], bert[i].intermediate.dense.bias)
+      pairs[f"layer {i} attention output bias"] = (att["output_bias"], bert[i].attention.output.dense.bias)
     for j, layer in enumerate(layers):
       dec = grads["decoder"]["layers"][f"layer_{j}"]
       pairs[f"decoder {j} query"] = (dec["attention"]["query_kernel"].reshape(h, h).T, layer.attention.self.query.weight)
@@ -253,6 +259,40 @@ def test_tied_logits_has_the_values_and_gradients_of_autodiff(dtype):
     want = np.asarray(want.astype(jnp.float32))
     ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-6
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("x_shape, bias_shape", [((5, 101), (101,)), ((3, 7, 32), (7, 32)),
+                                                 ((2, 6, 4, 8), (4, 8))])
+def test_add_bias_has_the_values_and_gradients_of_autodiff(dtype, x_shape, bias_shape):
+  """`layers.add_bias` (a custom VJP whose bias gradient is a GEMV over the leading axes) against autodiff of
+  `x + bias`, for the shapes the model uses it on: the MLM head's vocabulary bias over positions, the position
+  embeddings [L, H] over the batch, a head-major projection bias [N, D] over [B, L, N, D]."""
+  import jax.numpy as jnp
+
+  from mote_jax.model import layers
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], x_shape).astype(dtype)
+  bias = jax.random.normal(keys[1], bias_shape).astype(dtype)
+  cotangent = jax.random.normal(keys[2], x_shape).astype(dtype)
+  ours, ours_vjp = jax.vjp(layers.add_bias, x, bias)
+  ref, ref_vjp = jax.vjp(lambda a, b: a + b, x, bias)
+  np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+  (dx, dbias), (ref_dx, ref_dbias) = ours_vjp(cotangent), ref_vjp(cotangent)
+  np.testing.assert_array_equal(np.asarray(dx.astype(jnp.float32)), np.asarray(ref_dx.astype(jnp.float32)))
+  assert dbias.dtype == bias.dtype and dbias.shape == bias.shape
+  # Summed in float32 in another order than autodiff's reduction: equal to float32 rounding, or one bfloat16 ulp.
+  want = np.asarray(cotangent.astype(jnp.float32)).reshape(-1, *bias_shape).sum(0)
+  ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(np.asarray(dbias.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
+  # Mixed dtypes (bfloat16 activations + a float32 bias): the promoted sum, each gradient in its input's dtype.
+  mixed, mixed_vjp = jax.vjp(layers.add_bias, x.astype(jnp.bfloat16), bias.astype(jnp.float32))
+  assert mixed.dtype == jnp.float32
+  assert [g.dtype for g in mixed_vjp(mixed)] == [jnp.bfloat16, jnp.float32]
+  wrong = jnp.zeros(bias_shape[:-1] + (bias_shape[-1] + 1,), dtype)
+  for call in (layers.add_bias, lambda a, b: jax.vjp(layers.add_bias, a, b)):
+    with pytest.raises(ValueError, match="trailing shape"):
+      call(x, wrong)
 
 
 @pytest.mark.parametrize("activation", ["none", "log1p_relu"])

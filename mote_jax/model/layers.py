@@ -179,9 +179,10 @@ class Embeddings(nn.Module):
     if length > self.config.max_position_embeddings:
       raise ValueError(f"sequence length {length} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}")
-    x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(jnp.arange(length))[None]
-         + self.token_type_embeddings(token_type_ids))
+    # The position rows are a slice (not a lookup) broadcast over the batch by `add_bias`: their gradient is then
+    # a pad and a GEMV, not a scatter-add and a reduction over the batch axis.
+    positions = self.position_embeddings.embedding[:length].astype(self.config.compute_dtype)
+    x = add_bias(self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids), positions)
     return self.dropout(self.layer_norm(x), deterministic=deterministic)
 
   def word_embedding_matrix(self):
@@ -209,7 +210,7 @@ class SelfAttention(nn.Module):
     def project(name):  # [B, L, H] -> [B, N, L, D]
       kernel = param(f"{name}_kernel", init, ("embed", "heads", "kv"), (cfg.hidden_size, n, d))
       bias = param(f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (n, d))
-      return (linear(x, kernel) + bias).transpose(0, 2, 1, 3)
+      return add_bias(linear(x, kernel), bias).transpose(0, 2, 1, 3)
 
     q, k, v = project("query"), project("key"), project("value")
     q = q * jnp.asarray(d ** -0.5, dt)
@@ -228,7 +229,8 @@ class SelfAttention(nn.Module):
     out_bias = param("output_bias", nn.initializers.zeros, ("embed",), (cfg.hidden_size,))
     # [B, N, L, D] -> [B, L, N*D] @ [N*D, H]
     b, _, l, _ = context.shape
-    out = linear(context.transpose(0, 2, 1, 3).reshape(b, l, n * d), out_kernel.reshape(n * d, -1)) + out_bias
+    out = add_bias(linear(context.transpose(0, 2, 1, 3).reshape(b, l, n * d), out_kernel.reshape(n * d, -1)),
+                   out_bias)
     out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return LayerNorm(cfg, name="output_layer_norm")(out + x)
 
@@ -261,10 +263,10 @@ class ExpertFFN(nn.Module):
     ln_bias = param("layer_norm_bias", nn.initializers.zeros, ("expert", "embed"), (e, h))
 
     dt = cfg.compute_dtype
-    hidden = linear(x, wi[expert_index].astype(dt)) + bi[expert_index].astype(dt)  # [B, L, F]
+    hidden = add_bias(linear(x, wi[expert_index].astype(dt)), bi[expert_index].astype(dt))  # [B, L, F]
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     hidden = jax.nn.gelu(hidden, approximate=False)
-    out = linear(hidden, wo[expert_index].astype(dt)) + bo[expert_index].astype(dt)  # [B, L, H]
+    out = add_bias(linear(hidden, wo[expert_index].astype(dt)), bo[expert_index].astype(dt))  # [B, L, H]
     out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     return layer_norm(out + x, ln_scale[expert_index], ln_bias[expert_index], cfg.layer_norm_eps)
 
@@ -330,7 +332,7 @@ class MLMHead(nn.Module):
     bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                       cfg.storage_dtype)
     logits = tied_logits(x, word_embeddings.astype(cfg.compute_dtype))
-    return add_vocab_bias(logits, bias.astype(jnp.float32))
+    return add_bias(logits, bias.astype(jnp.float32))
 
 
 @jax.custom_vjp
@@ -370,20 +372,37 @@ tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 @jax.custom_vjp
-def add_vocab_bias(logits, bias):
-  """logits [..., V] + bias [V], whose bias gradient is a GEMV (ones @ dlogits) rather than XLA's column
-  reduction of the [N, V] cotangent, which XLA:CPU runs at a fraction of memory speed (~35 ms of a 0.74 s
-  MiniLM pre-training step; benchmarks/RESULTS.md). Same values and gradients."""
-  return logits + bias
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [..., *S] + bias [*S], the bias broadcast over x's leading axes (a dense layer's or the MLM head's output
+  bias, the position embeddings over the batch).
+
+  Values and gradients are those of `x + bias`; the bias gradient is written out as a GEMV, ones [R] @ dy
+  [R, prod(S)] over the R = prod(leading axes) rows, where autodiff gives XLA a reduction over the leading
+  axes. XLA:CPU runs those reductions far below memory speed: the MLM head's [N, V] column reduction took
+  ~35 ms of a 0.74 s MiniLM pre-training step, the position embeddings' sum over the batch axis of [B, L, H]
+  ~1.3 ms alone against ~0.1 ms as a GEMV (benchmarks/analysis.md; RESULTS.md's 7a row bias-grad-by-reduce
+  undoes this on every run).
+  """
+  return _add_bias(x, bias)
 
 
-def _add_vocab_bias_fwd(logits, bias):
-  return logits + bias, None
+def _add_bias(x, bias):
+  if bias.ndim > x.ndim or x.shape[x.ndim - bias.ndim:] != bias.shape:
+    raise ValueError(f"add_bias: bias shape {bias.shape} is not the trailing shape of x {x.shape}")
+  return x + bias
 
 
-def _add_vocab_bias_bwd(_, g):
-  rows = g.reshape(-1, g.shape[-1])
-  return g, jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+def _add_bias_fwd(x, bias):
+  # Residuals for shapes and dtypes only: the bias (a live parameter, nothing is copied) and a scalar of x's dtype.
+  return _add_bias(x, bias), (bias, jnp.zeros((), x.dtype))
 
 
-add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
+def _add_bias_bwd(residuals, g):
+  bias, x_scalar = residuals
+  rows = g.reshape(-1, bias.size)
+  ones = jnp.ones((rows.shape[0],), rows.dtype)
+  dbias = jnp.dot(ones, rows, preferred_element_type=jnp.float32).reshape(bias.shape)
+  return g.astype(x_scalar.dtype), dbias.astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
