@@ -378,10 +378,10 @@ def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
 
   Values and gradients are those of `x + bias`; the bias gradient is written out as a GEMV, ones [R] @ dy
   [R, prod(S)] over the R = prod(leading axes) rows, where autodiff gives XLA a reduction over the leading
-  axes. XLA:CPU runs those reductions far below memory speed: the MLM head's [N, V] column reduction took
-  ~35 ms of a 0.74 s MiniLM pre-training step, the position embeddings' sum over the batch axis of [B, L, H]
-  ~1.3 ms alone against ~0.1 ms as a GEMV (benchmarks/analysis.md; RESULTS.md's 7a row bias-grad-by-reduce
-  undoes this on every run).
+  axes. XLA:CPU runs those reductions far below memory speed: with the MLM head's [N, V] column reduction a
+  MiniLM pre-training step took 0.657 s against 0.624 s, and the position embeddings' sum over the batch axis of
+  [8, 128, 384] takes ~1.3 ms alone against ~0.1 ms as a GEMV (benchmarks/analysis.md; RESULTS.md's 7a row
+  bias-grad-by-reduce undoes this on every run).
   """
   return _add_bias(x, bias)
 
