@@ -8,8 +8,12 @@ benchmarks section 7b (benchmarks/RESULTS.md) measured 0.539 s/step and 203,107 
 glibc's defaults against 0.496-0.503 s and at most 150 faults with these settings (0.694 against 0.563-0.591 s
 in an earlier run).
 PyTorch's CPU allocator faults the same way; `python -m benchmarks` runs every contender with these settings.
-The price is that the process never returns freed memory to the system, i.e. its resident size stays at its
-peak, which is what a training or encoding job holds anyway.
+The price: the process never returns freed memory to the system, and its one heap can fragment. Now and then a
+step's temporaries no longer fit in the space the previous step freed, and the heap grows by another copy of them
+(that step is slow while the new pages are faulted in). Measured (benchmarks/analysis.md, Scaling): the MiniLM
+step at B=8, L=128 (707 MB of temporaries) grew by one copy at steps 46 and 199 and then stayed at 4.1 GB to
+step 1,500; at L=512 (4.0 GB of temporaries) by one or two copies within 25 steps. Where memory is tight,
+MOTE_JAX_MALLOC_TUNING=0 trades that for page faults every step.
 
 glibc reads these variables only when a process starts, so `reexec_with_settings` restarts the interpreter with
 them (once; values already in the environment win). Set MOTE_JAX_MALLOC_TUNING=0 to opt out.
