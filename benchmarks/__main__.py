@@ -19,7 +19,8 @@ from benchmarks import report
 from benchmarks.common import load1, machine, run_module, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "variants", "flags", "profile")
+SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "gpu", "variants", "flags",
+            "profile")
 
 
 def main(argv=None) -> int:

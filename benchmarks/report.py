@@ -244,6 +244,38 @@ def profile_lines(p: dict) -> list[str]:
   return lines
 
 
+GPU_NOT_RUN = ("Not run in this results file: `python -m benchmarks --only gpu` runs it where JAX sees a GPU (a CUDA "
+               "build of jaxlib); on a CPU-only machine the section records why it did not run.")
+
+
+def gpu_lines(g: dict) -> list[str]:
+  if "skipped" in g:
+    return [f"Not run: {g['skipped']}.", "", GPU_NOT_RUN.replace("Not run in this results file: ", ""), ""]
+  peak = g.get("datasheet_bf16_tflops")
+  host = g.get("host", {})
+  lines = [f"Device: {g['device_kind']} ({g['platform']}, {g['device_count']} visible; one used), host CPU "
+           f"{host.get('cpu')} ({host.get('cores')} cores), jax {host.get('versions', {}).get('jaxlib')}. Batch "
+           f"{g['batch_size']} pairs x {g['length']} tokens, production objective; bf16 = `MoteConfig(dtype="
+           f"'bfloat16')` (parameters, optimizer state, logits, softmax and LayerNorm statistics fp32), timed "
+           f"round-robin against the same step in fp32 (JAX's default matmul precision).", "",
+           f"MFU denominators: the datasheet's dense bf16 peak, **{_f(peak, 1)} TFLOP/s** "
+           f"({g['datasheet_source']}{'' if peak else ': device not listed'}), and a {g['matmul_n']} x "
+           f"{g['matmul_n']} bf16 matmul measured in the same process, **{_f(g['matmul_bf16_tflops'], 2)} TFLOP/s** "
+           f"(best of 5).", ""]
+  rows = []
+  for shape, by_dtype in g["shapes"].items():
+    for dtype, r in by_dtype.items():
+      mfu = r.get("mfu_vs_datasheet")
+      rows.append([shape, dtype, _f(r["median_s"] * 1e3, 1), _spread(r), _f(r["pairs_per_s"], 1),
+                   _f(r["flops_per_step"] / 1e9, 1), _f(r["model_tflops_per_s"], 2),
+                   _f(None if mfu is None else 100 * mfu, 1, "%"),
+                   _f(100 * r["mfu_vs_measured_matmul"], 1, "%"), _f(r.get("speedup_over_float32"), 2, "x"),
+                   _f(r["memory"].get("temp_size_mb"), 0)])
+  lines += _table(["shape", "dtype", "median ms/step", "min-max s", "pairs/s", "model GFLOP/step",
+                   "model TFLOP/s", "MFU (datasheet bf16)", "MFU (measured bf16 matmul)", "bf16 speed-up",
+                   "XLA temp MB"], rows)
+  return lines
+
 SECTIONS = [
     ("gemm", "Measured GEMM peak", gemm_lines),
     ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
@@ -251,6 +283,7 @@ SECTIONS = [
     ("encode", "3. Encoding: JAX Embedder vs sentence-transformers", encode_lines),
     ("search", "4. Search: ScaNN vs exact brute force (1M x 384)", search_lines),
     ("scaling", "5. Scaling of the MiniLM step with batch size and sequence length", scaling_lines),
+    ("gpu", "6. GPU bf16 pre-training step", gpu_lines),
     ("variants", "7a. Optimisation experiments (in process)", variants_lines),
     ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
     ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
@@ -315,7 +348,8 @@ def render(results: dict, command: str) -> str:
     lines += ["## Machine", "",
               f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gb')} GB RAM; "
               f"ISA: {', '.join(machine.get('isa', []))}",
-              "- no GPU; fp32 unless stated; every library uses all cores (2 threads)",
+              "- sections 0-5 and 7 run on this CPU: fp32 unless stated; every library uses all cores (2 threads); "
+              "section 6 names its own device and host",
               "- every section's process (JAX and PyTorch alike) runs with the glibc malloc settings that "
               "`mote_jax.launch` applies (`mote_jax/host_malloc.py`: one arena, no mmap'd chunks, no trimming); "
               "section 7b times the glibc defaults",
@@ -335,11 +369,8 @@ def render(results: dict, command: str) -> str:
       lines += [f"## {title}", ""]
       # A failed section says why; a measured one starts with its load, duration and time, then its body.
       lines += _error(section) if "error" in section else [_meta(section), ""] + fn(section)
-    if key == "scaling":
-      lines += ["## 6. GPU bf16 pre-training step", "",
-                "Not run: no GPU is available to this task (CPU-only machine, the lent GPU machine was not "
-                "granted). `python -m benchmarks` has no GPU section; the JAX step itself runs unchanged on a GPU "
-                "backend with `MoteConfig(dtype='bfloat16')`.", ""]
+    elif key == "gpu":
+      lines += ["## 6. GPU bf16 pre-training step", "", GPU_NOT_RUN, ""]
   if ANALYSIS.exists():
     lines += [ANALYSIS.read_text().strip(), ""]
   return "\n".join(lines)

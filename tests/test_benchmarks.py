@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import gemm, pretrain, profile, report
+from benchmarks import gemm, gpu, pretrain, profile, report
 from benchmarks.common import REPO, clean_env
 
 
@@ -168,6 +168,38 @@ def test_gemm_and_report_render(tmp_path):
   # A section that failed says why instead of rendering its body (which would need the missing figures).
   failed = report.render({"encode": {"error": "RuntimeError: out of memory", "seconds": 3.0}}, "python -m benchmarks")
   assert "## 3. Encoding" in failed and "**Not measured: RuntimeError: out of memory**" in failed
+
+
+def test_gpu_section_skips_without_a_gpu_and_runs_its_step_on_cpu(data_dir):
+  skipped = gpu.run()  # the project's jaxlib is CPU-only: no "gpu" backend
+  assert skipped["skipped"].startswith("no gpu device visible to JAX"), skipped
+  assert "Not run: no gpu device visible to JAX" in report.render({"gpu": skipped}, "python -m benchmarks")
+  # The same code on the CPU at the tiny shape, with a given datasheet peak.
+  result = gpu.run(quick=True, platform="cpu", peak_tflops=0.5)
+  assert result["datasheet_bf16_tflops"] == 0.5 and result["matmul_bf16_tflops"] > 0
+  rows = result["shapes"]["tiny"]
+  assert set(rows) == {"bfloat16", "float32"}
+  for row in rows.values():
+    tflops = row["flops_per_step"] / row["median_s"] / 1e12
+    assert row["model_tflops_per_s"] == pytest.approx(tflops, rel=1e-9)
+    assert row["mfu_vs_datasheet"] == pytest.approx(tflops / 0.5, rel=1e-9)
+    assert row["mfu_vs_measured_matmul"] == pytest.approx(tflops / result["matmul_bf16_tflops"], rel=1e-9)
+  assert rows["bfloat16"]["flops_per_step"] == rows["float32"]["flops_per_step"]
+  # bf16 compute over fp32 parameters: the same first loss to bf16 precision (same weights, batch and dropout).
+  assert rows["bfloat16"]["first_loss"] == pytest.approx(rows["float32"]["first_loss"], rel=1e-2)
+  text = report.render({"gpu": dict(result, seconds=1.0)}, "python -m benchmarks")
+  assert "## 6. GPU bf16 pre-training step" in text and "| tiny | bfloat16 |" in text
+
+
+def test_gpu_datasheet_peaks_match_the_most_specific_device_name():
+  assert gpu.datasheet_peak_tflops("NVIDIA H200") == 989.4
+  assert gpu.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert gpu.datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert gpu.datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert gpu.datasheet_peak_tflops("NVIDIA L40S") == 362.0
+  assert gpu.datasheet_peak_tflops("NVIDIA L40") == 181.0
+  assert gpu.datasheet_peak_tflops("NVIDIA L4") == 121.0
+  assert gpu.datasheet_peak_tflops("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores
 
 
 def test_cli_runs_a_section(tmp_path):
