@@ -13,7 +13,8 @@ import numpy as np
 from benchmarks.common import load1, section_main
 
 
-def _best_rate(fn, flops: float, repeats: int) -> float:
+def best_rate(fn, flops: float, repeats: int) -> float:
+  """`flops` over the best of `repeats` timed calls of the blocking `fn`, after one untimed call."""
   fn()  # warm-up (and compile)
   best = float("inf")
   for _ in range(repeats):
@@ -37,15 +38,15 @@ def measure(sizes=(2048, 4096), repeats: int = 5, libraries=("jax", "numpy", "to
       dot = jax.jit(jnp.dot)
       for dtype in ("float32", "bfloat16"):
         x, y = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        rates[f"jax/{dtype}/{n}"] = _best_rate(lambda: dot(x, y).block_until_ready(), flops, repeats) / 1e9
+        rates[f"jax/{dtype}/{n}"] = best_rate(lambda: dot(x, y).block_until_ready(), flops, repeats) / 1e9
     if "numpy" in libraries:
-      rates[f"numpy/float32/{n}"] = _best_rate(lambda: a @ b, flops, repeats) / 1e9
+      rates[f"numpy/float32/{n}"] = best_rate(lambda: a @ b, flops, repeats) / 1e9
     if "torch" in libraries:
       import torch
       for dtype in (torch.float32, torch.bfloat16):
         x, y = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
         name = str(dtype).split(".")[-1]
-        rates[f"torch/{name}/{n}"] = _best_rate(lambda: x @ y, flops, repeats) / 1e9
+        rates[f"torch/{name}/{n}"] = best_rate(lambda: x @ y, flops, repeats) / 1e9
   fp32 = {k: v for k, v in rates.items() if "/float32/" in k}
   bf16 = {k: v for k, v in rates.items() if "/bfloat16/" in k}
   best32 = max(fp32, key=fp32.get)

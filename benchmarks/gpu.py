@@ -7,10 +7,11 @@ model FLOPs (`model_flops_per_step`) per second over two denominators: the datas
 tensor-core peak of the device (`BF16_DENSE_TFLOPS`, matched on `device_kind`) and a bf16 matmul measured in the
 same process.
 
-It runs only where JAX sees a GPU, which needs a CUDA build of jaxlib (the `jax[cuda12]` extra); elsewhere the
-section records why it did not run. `--options '{"platform": "cpu"}'` runs the same code on the CPU (the tests do,
-at the tiny shape), and `{"peak_tflops": X}` supplies the datasheet peak of a device the table does not list.
-PyTorch is not timed here: the project pins a CPU-only torch wheel.
+It runs only where JAX sees a GPU, which needs a CUDA build of jaxlib at the pinned version (JAX's installation
+guide: the `jax[cuda...]` extras); elsewhere the section records why it did not run. `--options '{"platform":
+"cpu"}'` runs the same code on the CPU (the tests do, at the tiny shape), and `{"peak_tflops": X}` supplies the
+datasheet peak of a device the table does not list. PyTorch is not timed here: the project pins a CPU-only torch
+wheel.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import load1, machine, section_main, time_interleaved
+from benchmarks.gemm import best_rate
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without 2:4 sparsity) from NVIDIA's datasheets, matched as substrings
 # of `device.device_kind` in this order (the first match wins, so the specific names come first).
@@ -55,17 +57,11 @@ def measured_matmul_tflops(device, n: int, repeats: int = 5) -> float:
   a, b = (jax.device_put(jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), jnp.bfloat16), device)
           for _ in range(2))
   dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n ** 3 / best / 1e12
+  return best_rate(lambda: dot(a, b).block_until_ready(), 2.0 * n ** 3, repeats) / 1e12
 
 
 def run(quick: bool = False, platform: str = "gpu", shapes: list | None = None, batch_size: int | None = None,
-        length: int = 128, peak_tflops: float | None = None, matmul_n: int | None = None) -> dict:
+        length: int | None = None, peak_tflops: float | None = None, matmul_n: int | None = None) -> dict:
   """Times each shape's step in bf16 and fp32 on the first `platform` device; {"skipped": why} without one."""
   try:
     devices = jax.devices(platform)
@@ -79,17 +75,17 @@ def run(quick: bool = False, platform: str = "gpu", shapes: list | None = None, 
   from benchmarks import data, jax_step
 
   shapes = list(shapes or (["tiny"] if quick else GPU_SHAPES))
-  if length == 128 and quick:
-    length = 32
+  length = length or (32 if quick else 128)
   batch_size = batch_size or (2 if quick else 64)
   warmup, repeats = (1, 2) if quick else (3, 10)
   datasheet = peak_tflops or datasheet_peak_tflops(device.device_kind)
+  host = machine()
   matmul_n = matmul_n or (256 if quick or platform == "cpu" else 8192)
   result = {"device": str(device), "device_kind": device.device_kind, "platform": device.platform,
             "device_count": len(devices), "batch_size": batch_size, "length": length,
             "datasheet_bf16_tflops": datasheet,
             "datasheet_source": "--options peak_tflops" if peak_tflops else "BF16_DENSE_TFLOPS",
-            "host": {key: machine()[key] for key in ("cpu", "cores", "memory_gb", "versions")},
+            "host": {key: host[key] for key in ("cpu", "cores", "memory_gb", "versions")},
             "load1_before": load1(), "shapes": {}}
   result["matmul_bf16_tflops"] = measured_matmul_tflops(device, matmul_n)
   result["matmul_n"] = matmul_n

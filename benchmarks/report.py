@@ -244,13 +244,13 @@ def profile_lines(p: dict) -> list[str]:
   return lines
 
 
-GPU_NOT_RUN = ("Not run in this results file: `python -m benchmarks --only gpu` runs it where JAX sees a GPU (a CUDA "
-               "build of jaxlib); on a CPU-only machine the section records why it did not run.")
+GPU_HOW = ("`python -m benchmarks --only gpu` runs it where JAX sees a GPU (a CUDA build of jaxlib); on a CPU-only "
+           "machine the section records why it did not run.")
 
 
 def gpu_lines(g: dict) -> list[str]:
   if "skipped" in g:
-    return [f"Not run: {g['skipped']}.", "", GPU_NOT_RUN.replace("Not run in this results file: ", ""), ""]
+    return [f"Not run: {g['skipped']}.", "", GPU_HOW, ""]
   peak = g.get("datasheet_bf16_tflops")
   host = g.get("host", {})
   lines = [f"Device: {g['device_kind']} ({g['platform']}, {g['device_count']} visible; one used), host CPU "
@@ -275,6 +275,7 @@ def gpu_lines(g: dict) -> list[str]:
                    "model TFLOP/s", "MFU (datasheet bf16)", "MFU (measured bf16 matmul)", "bf16 speed-up",
                    "XLA temp MB"], rows)
   return lines
+
 
 SECTIONS = [
     ("gemm", "Measured GEMM peak", gemm_lines),
@@ -370,7 +371,7 @@ def render(results: dict, command: str) -> str:
       # A failed section says why; a measured one starts with its load, duration and time, then its body.
       lines += _error(section) if "error" in section else [_meta(section), ""] + fn(section)
     elif key == "gpu":
-      lines += ["## 6. GPU bf16 pre-training step", "", GPU_NOT_RUN, ""]
+      lines += ["## 6. GPU bf16 pre-training step", "", f"Not run in this results file: {GPU_HOW}", ""]
   if ANALYSIS.exists():
     lines += [ANALYSIS.read_text().strip(), ""]
   return "\n".join(lines)

@@ -176,7 +176,8 @@ def test_gpu_section_skips_without_a_gpu_and_runs_its_step_on_cpu(data_dir):
   assert "Not run: no gpu device visible to JAX" in report.render({"gpu": skipped}, "python -m benchmarks")
   # The same code on the CPU at the tiny shape, with a given datasheet peak.
   result = gpu.run(quick=True, platform="cpu", peak_tflops=0.5)
-  assert result["datasheet_bf16_tflops"] == 0.5 and result["matmul_bf16_tflops"] > 0
+  assert result["datasheet_bf16_tflops"] == 0.5 and result["datasheet_source"] == "--options peak_tflops"
+  assert result["matmul_bf16_tflops"] > 0
   rows = result["shapes"]["tiny"]
   assert set(rows) == {"bfloat16", "float32"}
   for row in rows.values():
@@ -184,6 +185,7 @@ def test_gpu_section_skips_without_a_gpu_and_runs_its_step_on_cpu(data_dir):
     assert row["model_tflops_per_s"] == pytest.approx(tflops, rel=1e-9)
     assert row["mfu_vs_datasheet"] == pytest.approx(tflops / 0.5, rel=1e-9)
     assert row["mfu_vs_measured_matmul"] == pytest.approx(tflops / result["matmul_bf16_tflops"], rel=1e-9)
+  # Both dtypes are credited the same model FLOPs, so their MFU figures compare.
   assert rows["bfloat16"]["flops_per_step"] == rows["float32"]["flops_per_step"]
   # bf16 compute over fp32 parameters: the same first loss to bf16 precision (same weights, batch and dropout).
   assert rows["bfloat16"]["first_loss"] == pytest.approx(rows["float32"]["first_loss"], rel=1e-2)
