@@ -23,6 +23,13 @@ INSTALL_REQUIRES = [
     "ir_measures>=0.4",
     "bm25s>=0.2",
     "PyStemmer>=2.2",
+    # Offline preprocessing (pre-training span records): Beam pipelines, ArrayRecord shards, an offline sentence
+    # splitter. apache-beam 2.77 caps protobuf below 7; sentencepiece 0.2.2+ ships protobuf-7 generated code that
+    # fails to import under protobuf 6 (seqio imports it), so it stays at 0.2.1.
+    "apache-beam==2.77.0",
+    "array-record>=0.8",
+    "blingfire>=0.1.8",
+    "sentencepiece==0.2.1",
 ]
 
 EXTRAS_REQUIRE = {
