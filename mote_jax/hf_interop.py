@@ -239,8 +239,32 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool | None]
   return pooling, normalize
 
 
+def _sentence_transformers_serving(path: Path) -> dict:
+  """MoteConfig serving fields from `sentence_bert_config.json` (max_seq_length, do_lower_case), if present."""
+  settings_file = path / "sentence_bert_config.json"
+  if not settings_file.exists():
+    return {}
+  try:
+    settings = json.loads(settings_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{settings_file}: not valid JSON ({e})") from e
+  fields = {}
+  length = settings.get("max_seq_length")
+  if length is not None:
+    if not isinstance(length, int) or isinstance(length, bool):
+      raise CheckpointError(f"{settings_file}: max_seq_length={length!r} is not an integer")
+    fields.update(query_max_seq_length=length, passage_max_seq_length=length)
+  if "do_lower_case" in settings:
+    fields["st_do_lower_case"] = bool(settings["do_lower_case"])
+  return fields
+
+
 def config_from_hf(path: str | os.PathLike, tower_mode: str = "mote", **overrides) -> MoteConfig:
-  """MoteConfig of a local HF BERT directory; `overrides` set any other MoteConfig field."""
+  """MoteConfig of a local HF BERT directory; `overrides` set any other MoteConfig field.
+
+  Pooling, normalisation and the serving settings (max_seq_length, do_lower_case) come from the
+  sentence-transformers module files when the directory has them, so an export serves like the source.
+  """
   hf = read_hf_config(path)
   pooling, normalize = _sentence_transformers_pooling(Path(path))
   fields = dict(
@@ -250,7 +274,8 @@ def config_from_hf(path: str | os.PathLike, tower_mode: str = "mote", **override
       layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
       attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
       initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0) or 0,
-      tower_mode=tower_mode, pooling=pooling or "cls", normalize=bool(normalize))
+      tower_mode=tower_mode, pooling=pooling or "cls", normalize=bool(normalize),
+      **_sentence_transformers_serving(Path(path)))
   fields.update(overrides)
   return MoteConfig(**fields)
 
@@ -334,7 +359,7 @@ def _bert_config_dict(config: MoteConfig) -> dict:
       pad_token_id=config.pad_token_id, architectures=["BertModel"]).to_dict()
 
 
-def _write_sentence_transformers_files(directory: Path, config: MoteConfig, max_seq_length: int) -> None:
+def _write_sentence_transformers_files(directory: Path, config: MoteConfig, expert: str) -> None:
   modules = [
       {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
       {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -353,7 +378,8 @@ def _write_sentence_transformers_files(directory: Path, config: MoteConfig, max_
   files = {
       "modules.json": modules,
       "1_Pooling/config.json": pooling,
-      "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+      "sentence_bert_config.json": {"max_seq_length": config.max_seq_length(expert),
+                                    "do_lower_case": config.st_do_lower_case},
       "config_sentence_transformers.json": {"similarity_fn_name": "cosine" if config.normalize else "dot"},
   }
   for name, content in files.items():
@@ -370,17 +396,44 @@ def _host_params(params: PyTree) -> PyTree:
   return jax.tree.map(fetch, params)
 
 
+MaxSeqLength = int | Mapping[str, int] | None
+
+
+def serving_config(config: MoteConfig, max_seq_length: MaxSeqLength = None) -> MoteConfig:
+  """`config` with each tower's serving length resolved: `max_seq_length` (one length, or {expert: length}) where
+  given, else the config's own (the source's or the training length), else `max_position_embeddings` (logged)."""
+  given = max_seq_length if isinstance(max_seq_length, Mapping) else {e: max_seq_length for e in EXPERTS}
+  unknown = set(given) - set(EXPERTS)
+  if unknown:
+    raise ValueError(f"max_seq_length has keys {sorted(unknown)}: expected a subset of {EXPERTS}")
+  lengths = {}
+  for expert in EXPERTS:
+    length = given.get(expert)
+    if length is None:
+      length = config.max_seq_length(expert)
+    if length is None:
+      length = config.max_position_embeddings
+      log.info("no serving length known for the %s tower: exporting max_seq_length=%d (max_position_embeddings)",
+               expert, length)
+    lengths[f"{expert}_max_seq_length"] = int(length)
+  return config.replace(**lengths)
+
+
 def to_hf(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | None,
-          max_seq_length: int = 512, overwrite: bool = False) -> Path:
+          max_seq_length: MaxSeqLength = None, overwrite: bool = False) -> Path:
   """Writes `out_dir/query` and `out_dir/passage`, each a standard HF `BertModel` + sentence-transformers dir.
 
   Each holds config.json, model.safetensors, the tokenizer files saved from `tokenizer` (a local tokenizer dir),
-  and the sentence-transformers modules with `config.pooling` (and Normalize if `config.normalize`). The whole
+  and the sentence-transformers modules with `config.pooling` (and Normalize if `config.normalize`), each tower's
+  `max_seq_length` and `do_lower_case`. The serving length of a tower is `max_seq_length` (one int for both towers
+  or {expert: length}) when given, else the config's (what `from_hf` read from the source, or what a job set from
+  its training lengths): with no argument, an import exported again serves exactly like the source. The whole
   tree is built in a temporary sibling directory and renamed into place only when complete: a failure leaves
   nothing behind. Only process 0 writes; every process must call this (gathering sharded params is collective).
   """
   from safetensors.numpy import save_file
   out_dir = Path(out_dir)
+  config = serving_config(config, max_seq_length)
   host = _host_params(params)
   if jax.process_index() != 0:
     return out_dir
@@ -402,7 +455,7 @@ def to_hf(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike, tokeni
                 metadata={"format": "pt"})
       if tok is not None:
         tok.save_pretrained(str(tower_dir))
-      _write_sentence_transformers_files(tower_dir, config, max_seq_length)
+      _write_sentence_transformers_files(tower_dir, config, expert)
     (staging / "mote_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     if out_dir.exists():
       trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -435,7 +488,12 @@ def from_hf_towers(path: str | os.PathLike, **overrides) -> tuple[MoteConfig, Py
   FFN blocks become its expert. The MLM head is not exported, so a fresh one is initialised (logged).
   """
   path = Path(path)
-  config = load_mote_config(path).replace(**overrides)
+  config = load_mote_config(path)
+  for expert in EXPERTS:  # exports written before the config carried serving lengths: each tower's own files
+    if config.max_seq_length(expert) is None:
+      length = _sentence_transformers_serving(path / expert).get(f"{expert}_max_seq_length")
+      config = config.replace(**{f"{expert}_max_seq_length": length})
+  config = config.replace(**overrides)
   towers = {}
   for expert in EXPERTS:
     _, tower = from_hf(path / expert, tower_mode="siamese",
@@ -468,7 +526,8 @@ def from_hf_towers(path: str | os.PathLike, **overrides) -> tuple[MoteConfig, Py
 
 
 def to_hf_anywhere(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike,
-                   tokenizer: str | os.PathLike | None, max_seq_length: int = 512, overwrite: bool = False):
+                   tokenizer: str | os.PathLike | None, max_seq_length: MaxSeqLength = None,
+                   overwrite: bool = False):
   """`to_hf` to a local directory or to an object store (`gs://bucket/run/hf`); returns `out_dir`.
 
   A local `out_dir` is exactly `to_hf` (returns a pathlib.Path). Object stores have no directory rename, so for a

@@ -1,6 +1,7 @@
 """to_hf: standard HF BertModel + sentence-transformers towers that reproduce the JAX encoder."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -139,3 +140,60 @@ def test_from_hf_towers_rejects_towers_that_do_not_share(trained_mote, tmp_path)
   save_file(tensors, str(out / "query" / "model.safetensors"))
   with pytest.raises(hf_interop.CheckpointError, match="shared parameter .*query_bias differs"):
     hf_interop.from_hf_towers(out)
+
+
+def _longest_scifact_passages(data_dir, n: int) -> list[str]:
+  docs = [json.loads(line) for line in (data_dir / "scifact" / "corpus.jsonl").read_text().splitlines()]
+  texts = [(d["title"] + " " + d["text"]).strip() for d in docs]
+  return sorted(texts, key=len, reverse=True)[:n]
+
+
+def test_import_export_round_trip_serves_like_the_source(minilm_path, data_dir, tmp_path):
+  """from_hf -> to_hf with no setting passed: sentence-transformers embeds the longest SciFact passages (beyond
+  256 tokens, where the serving length matters) as the original model does."""
+  from sentence_transformers import SentenceTransformer
+  config, params = from_hf(minilm_path, tower_mode="mote")
+  source = json.loads((Path(minilm_path) / "sentence_bert_config.json").read_text())
+  assert (config.query_max_seq_length, config.passage_max_seq_length) == (source["max_seq_length"],) * 2
+  out = to_hf(config, params, tmp_path / "export", tokenizer=minilm_path)
+  texts = _longest_scifact_passages(data_dir, 64)
+  original = SentenceTransformer(str(minilm_path), device="cpu")
+  assert max(len(original.tokenizer(t)["input_ids"]) for t in texts) > source["max_seq_length"]
+  expected = original.encode(texts, batch_size=16, convert_to_numpy=True)
+  for expert in EXPERTS:
+    assert json.loads((out / expert / "sentence_bert_config.json").read_text()) == source
+    exported = SentenceTransformer(str(out / expert), device="cpu").encode(texts, batch_size=16,
+                                                                           convert_to_numpy=True)
+    cosine = (exported * expected).sum(-1) / np.linalg.norm(exported, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert cosine.min() >= 0.9999, cosine.min()
+
+
+def test_towers_keep_their_own_lengths_through_export_job(trained_mote, tmp_path):
+  """What fine-tuning writes (each tower at its training length) is what `export_job` keeps with no length given;
+  an explicit length still overrides."""
+  from mote_jax.jobs.finetune import ModelSource, export_job
+  config, params = trained_mote
+  trained = to_hf(config, params, tmp_path / "run" / "hf", tokenizer=None,
+                  max_seq_length={"query": 64, "passage": 256})
+  lengths = lambda d: {e: json.loads((d / e / "sentence_bert_config.json").read_text())["max_seq_length"]  # noqa
+                       for e in EXPERTS}
+  assert lengths(trained) == {"query": 64, "passage": 256}
+  exported = Path(export_job(str(tmp_path / "export"), model=ModelSource(towers=str(trained))))
+  assert lengths(exported) == {"query": 64, "passage": 256}
+  assert load_mote_config(exported).passage_max_seq_length == 256
+  again = Path(export_job(str(tmp_path / "export2"), model=ModelSource(towers=str(trained)), max_seq_length=128))
+  assert lengths(again) == {"query": 128, "passage": 128}
+  with pytest.raises(ValueError, match="keys"):
+    to_hf(config, params, tmp_path / "bad", tokenizer=None, max_seq_length={"passages": 128})
+
+
+def test_serving_lengths_of_older_exports_come_from_the_tower_files(trained_mote, tmp_path):
+  """An export whose mote_config.json predates the serving fields reads each tower's sentence_bert_config."""
+  config, params = trained_mote
+  out = to_hf(config, params, tmp_path / "export", tokenizer=None, max_seq_length={"query": 32, "passage": 200})
+  recorded = json.loads((out / "mote_config.json").read_text())
+  for key in ("query_max_seq_length", "passage_max_seq_length", "st_do_lower_case"):
+    del recorded[key]
+  (out / "mote_config.json").write_text(json.dumps(recorded))
+  restored, _ = hf_interop.from_hf_towers(out)
+  assert (restored.query_max_seq_length, restored.passage_max_seq_length) == (32, 200)

@@ -196,8 +196,10 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
     checkpointer.close()
   params = state.params
   if export_hf:
+    # Each tower serves at the length it was trained at.
     hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
-                              max_seq_length=encode_options.max_length, overwrite=True)
+                              max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
+                              overwrite=True)
   report = None
   if eval_data:
     report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
@@ -259,8 +261,12 @@ def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str
 
 
 @gin.configurable
-def export_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, max_seq_length: int = 512) -> str:
-  """Writes MODEL_DIR/hf/{query,passage} from any model source (e.g. a pre-training checkpoint's towers)."""
+def export_job(model_dir: str, *, model: ModelSource = gin.REQUIRED,
+               max_seq_length: hf_interop.MaxSeqLength = None) -> str:
+  """Writes MODEL_DIR/hf/{query,passage} from any model source (e.g. a pre-training checkpoint's towers).
+
+  `max_seq_length` (one length or {expert: length}) overrides the towers' serving lengths; by default each keeps
+  the source's (its training length, or what the source checkpoint declared)."""
   config, params, tokenizer_dir = model.load()
   return os.fspath(hf_interop.to_hf_anywhere(config, params, epath.Path(model_dir) / "hf", tokenizer=tokenizer_dir,
                                              max_seq_length=max_seq_length, overwrite=True))

@@ -75,7 +75,7 @@ def import_hf(model_dir: str, checkpoint: str = gin.REQUIRED, tower_mode: str = 
     if cosine.min() < 0.9999:
       raise RuntimeError(f"experts disagree right after import (min cosine {cosine.min():.6f})")
 
-  out = hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=path, max_seq_length=max_length,
-                         overwrite=True)
+  # The source's serving settings (max_seq_length, lower-casing, pooling) carry over; `max_length` is the check's.
+  out = hf_interop.to_hf(config, params, Path(model_dir) / "hf", tokenizer=path, overwrite=True)
   log.info("wrote %s", out)
   return out

@@ -75,6 +75,16 @@ def model_flops_per_step(config: MoteConfig, objective: ObjectiveConfig,
   return 3 * total
 
 
+def trained_lengths(streams: Sequence[PretrainStream]) -> dict[str, int]:
+  """{text type: the longest sequence it was trained at}: each exported tower serves at its training length
+  (a type no stream trains keeps the source's length)."""
+  lengths: dict[str, int] = {}
+  for spec in streams:
+    for text_type in (spec.task.anchor_type, spec.task.context_type):
+      lengths[text_type] = max(lengths.get(text_type, 0), spec.task.max_len)
+  return lengths
+
+
 def _batch_stream(streams: Sequence[PretrainStream], seed: int, start_step: int, evaluation: bool = False
                   ) -> Iterator[dict]:
   """{stream name: this host's rows of the stream's batch}, step after step, from `start_step` on.
@@ -181,5 +191,5 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
   if export_hf and int(jax.device_get(state.step)) >= trainer.num_steps:
     tokenizer = checkpoint_dir
     hf_interop.to_hf_anywhere(config, state.params["encoder"], run_dir / "hf", tokenizer=tokenizer,
-                              max_seq_length=max(spec.task.max_len for spec in streams), overwrite=True)
+                              max_seq_length=trained_lengths(streams), overwrite=True)
   return state

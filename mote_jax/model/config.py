@@ -41,6 +41,12 @@ class MoteConfig:
   pooling: str = "cls"
   normalize: bool = False
 
+  # Serving settings: they do not change the model; exports write them into each tower's sentence-transformers
+  # files. Read from the source checkpoint (`sentence_bert_config.json`) or set to the training lengths by the jobs.
+  query_max_seq_length: int | None = None  # tokens per query, [CLS] and [SEP] included; None: unknown
+  passage_max_seq_length: int | None = None  # tokens per passage
+  st_do_lower_case: bool = False  # sentence-transformers' own lower-casing before the tokenizer
+
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = False
@@ -54,6 +60,11 @@ class MoteConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"MoteConfig.{name}={getattr(self, name)!r}: expected one of {tuple(_DTYPES)}")
+    for name in ("query_max_seq_length", "passage_max_seq_length"):
+      value = getattr(self, name)
+      if value is not None and not 2 < value <= self.max_position_embeddings:
+        raise ValueError(f"MoteConfig.{name}={value}: expected 2 < length <= max_position_embeddings="
+                         f"{self.max_position_embeddings}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"MoteConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
@@ -88,6 +99,12 @@ class MoteConfig:
     if self.tower_mode == "mote":
       return "tower", EXPERTS.index(expert)
     return "tower", 0
+
+  def max_seq_length(self, expert: str) -> int | None:
+    """The serving length of `expert`'s tower (None when neither the source nor training set one)."""
+    if expert not in EXPERTS:
+      raise ValueError(f"expert={expert!r}: expected one of {EXPERTS}")
+    return getattr(self, f"{expert}_max_seq_length")
 
   def replace(self, **changes) -> "MoteConfig":
     return dataclasses.replace(self, **changes)
