@@ -58,8 +58,9 @@ def in_memory():
 
 def run(tmp, inputs, file_format, tokenizer_path, **kwargs):
   kwargs.setdefault("pair_kind", "spans")
+  options = kwargs.pop("options", None) or in_memory()
   config = pp.PreprocessConfig(output=str(tmp), tokenizer=tokenizer_path, **kwargs)
-  return pp.run([str(p) for p in inputs], file_format, config, kwargs.pop("options", None) or in_memory())
+  return pp.run([str(p) for p in inputs], file_format, config, options)
 
 
 def shard_bytes(out):
