@@ -1,6 +1,6 @@
 """Documents from local (or gfile) text and jsonl files, with file:line errors and counted skips.
 
-A reader turns one file into `Document`s in file order. Two formats:
+A reader turns one file into `Document`s in file order. Formats:
 
 * `TextFormat(mode="blocks")` (default): documents are separated by one or more blank lines, the format of
   BERT's pre-training corpora; each line of a block is a sentence or paragraph. `mode="lines"`: every line is a
@@ -9,9 +9,15 @@ A reader turns one file into `Document`s in file order. Two formats:
   `text_key`; `id_key` names the document (default `file:line`). BEIR `corpus.jsonl` is
   `JsonlFormat(text_key="text", title_key="title", id_key="_id")`. With `queries_key` set, every record must hold
   a list of pseudo-queries, e.g. `{"_id": "d1", "title": "...", "text": "passage", "queries": ["q1", "q2"]}`;
-  a record with no non-blank query counts as empty.
+  a record with no non-blank query counts as empty (with `require_queries=False` it is a document without
+  queries). `text_key` and `id_key` may be tuples of alternatives (the first present one is used).
+* `MsMarcoDocsFormat`: the MS MARCO documents TSV, `docid \\t url \\t title \\t body`.
+* `DocTTTTTqueryFormat`: the published docTTTTTquery passage expansions: a collection TSV `pid \\t passage`
+  joined by line number with expansion files of one predicted query per line.
+* `TfdsFormat`: a TFDS dataset by name (text, optional title and id features).
 
-A malformed jsonl line (invalid UTF-8 or JSON, not an object, missing or mistyped field) raises `DataFormatError`
+A malformed jsonl line (invalid UTF-8 or JSON, not an object, missing or mistyped field) or TSV line (wrong
+column count, invalid UTF-8) raises `DataFormatError`
 naming `file:line`, or with `skip_malformed=True` is counted and logged. Blank documents are always skipped,
 counted and logged, with counts in the caller's `ReadStats`.
 """
