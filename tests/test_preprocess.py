@@ -298,3 +298,22 @@ def test_dry_run_builds_a_dataflow_pipeline(tmp_path, minilm_path, small_corpus,
   assert result["dry_run"] and result["options"]["runner"] == "DataflowRunner"
   assert result["options"]["project"] == "p" and result["options"]["temp_location"] == "gs://bucket/tmp"
   assert {"Read", "Encode", "WriteShards", "WriteCounts"} <= set(result["transforms"])
+
+
+def test_object_store_paths(tmp_path, small_corpus, minilm_path):
+  """Input, tokenizer and output on a non-local filesystem (TF's ram://, standing in for gs://) give the same
+  shards as local paths: ArrayRecord goes through a local file and tf.io.gfile, the tokenizer is copied."""
+  import tensorflow as tf
+  root = f"ram://preprocess_{tmp_path.name}"
+  tf.io.gfile.copy(str(small_corpus), f"{root}/in/corpus.jsonl")
+  for name in tf.io.gfile.listdir(minilm_path):
+    if not tf.io.gfile.isdir(f"{minilm_path}/{name}"):
+      tf.io.gfile.copy(f"{minilm_path}/{name}", f"{root}/tokenizer/{name}")
+  local = run(tmp_path / "local", [small_corpus], readers.BEIR_CORPUS, minilm_path, num_shards=2)
+  remote = pp.run([f"{root}/in/corpus.jsonl"], readers.BEIR_CORPUS,
+                  pp.PreprocessConfig(output=f"{root}/out", tokenizer=f"{root}/tokenizer", num_shards=2), in_memory())
+  assert remote["fingerprint"] == local["fingerprint"]
+  assert sorted(tf.io.gfile.listdir(f"{root}/out")) == sorted(p.name for p in (tmp_path / "local").iterdir())
+  for name in shard_bytes(tmp_path / "local"):
+    with tf.io.gfile.GFile(f"{root}/out/{name}", "rb") as f:
+      assert f.read() == (tmp_path / "local" / name).read_bytes()
