@@ -290,7 +290,7 @@ SECTIONS = [
     ("variants", "7a. Optimisation experiments (in process)", variants_lines),
     ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
     ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
-    ("preprocess", "8. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
+    ("preprocess", "9. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
 ]
 
 

@@ -317,3 +317,23 @@ def test_object_store_paths(tmp_path, small_corpus, minilm_path):
   for name in shard_bytes(tmp_path / "local"):
     with tf.io.gfile.GFile(f"{root}/out/{name}", "rb") as f:
       assert f.read() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_benchmark_section_renders():
+  from benchmarks import preprocess as section
+  from benchmarks import report
+  row = {"workers": 2, "mode": "multi_processing", "seconds": 10.0, "fixed_seconds": 4.0, "documents_per_s": 10.0,
+         "steady_documents_per_s": 100 / 6, "tokens_per_s": 1.0, "steady_tokens_per_s": 2.0}
+  result = {"num_docs": 100, "documents": {"mean_words": 1200, "min_words": 1000, "max_words": 1500},
+            "rows": {"multi_processing/2": row}, "identical_output": True}
+  text = report.render({"preprocess": result}, "python -m benchmarks --only preprocess")
+  assert "Offline preprocessing" in text and "| multi_processing | 2 | 10.0 | 4.0 | 10.0 | 16.7 |" in text
+  assert "10.0 / 16.7" in text  # the targets row
+
+
+def test_synthetic_documents_have_msmarco_length(tmp_path, data_dir):
+  from benchmarks.preprocess import synthetic_msmarco_docs
+  words = synthetic_msmarco_docs(tmp_path / "d.tsv", 20)
+  assert 1000 <= words["min_words"] and words["max_words"] <= 1500 + 200
+  lines = (tmp_path / "d.tsv").read_text().splitlines()
+  assert len(lines) == 20 and all(len(line.split("\t")) == 4 for line in lines)
