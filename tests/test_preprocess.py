@@ -63,6 +63,16 @@ def run(tmp, inputs, file_format, tokenizer_path, **kwargs):
   return pp.run([str(p) for p in inputs], file_format, config, options)
 
 
+def launch(args):
+  """`python -m mote_jax.launch ARGS` in this process; gin's (global, finalized) config is cleared afterwards."""
+  import gin
+  from mote_jax import launch as launcher
+  try:
+    return launcher.main(args)
+  finally:
+    gin.clear_config()
+
+
 def shard_bytes(out):
   return {p.name: p.read_bytes() for p in sorted(Path(out).glob("records-*"))}
 
@@ -98,7 +108,6 @@ def small_corpus(tmp_path_factory, scifact_docs):
 
 def test_msmarco_passages_stop_at_the_pair_gate(tmp_path, data_dir, minilm_path, tokenizer):
   """The recipe's settings (max_len 128) on MS MARCO passages: the launch stops with the counts and the fix."""
-  from mote_jax import launch
   corpus = data_dir / "msmarco-dl19-subset" / "corpus.jsonl"
   with open(corpus, encoding="utf-8") as f:
     docs = [json.loads(line) for line in f]
@@ -108,7 +117,7 @@ def test_msmarco_passages_stop_at_the_pair_gate(tmp_path, data_dir, minilm_path,
   pairs = sum(ref_num_spans([len(next(it)) for _ in ref_sentences(beir_text(d))], 128) >= 2 for d in docs)
   out = tmp_path / "out"
   with pytest.raises(pp.PairShareError) as error:
-    launch.main(["--gin_file=runs/preprocess_scifact.gin", f"--gin.INPUT={corpus}", f"--gin.OUTPUT={out}",
+    launch(["--gin_file=runs/preprocess_scifact.gin", f"--gin.INPUT={corpus}", f"--gin.OUTPUT={out}",
                  "--gin.preprocess.direct_num_workers=1", "--gin.preprocess.direct_running_mode='in_memory'"])
   message = str(error.value)
   assert f"only {pairs} of {len(docs)} documents ({pairs / len(docs):.1%})" in message, (message, pairs, len(docs))
@@ -371,3 +380,23 @@ def test_sigkilled_launch_leaves_no_output_and_rerun_is_identical(tmp_path, smal
   assert shard_bytes(out) == shard_bytes(tmp_path / "ref") and len(shard_bytes(out)) == 3
   assert json.loads((out / "stats.json").read_text())["fingerprint"] == \
       json.loads((tmp_path / "ref" / "stats.json").read_text())["fingerprint"]
+
+
+@pytest.mark.parametrize("run_file,input_name,extra", [
+    ("preprocess_msmarco_docs.gin", "docs.tsv", []),
+    ("preprocess_scifact.gin", "corpus.jsonl", []),
+    ("preprocess_pseudo_queries.gin", "d2q.jsonl", []),
+    ("preprocess_pseudo_queries.gin", "collection.tsv",
+     ["--gin.preprocess.input_format='doctttttquery'", "--gin.preprocess.expansions=EXP"]),
+])
+def test_run_files_dry_run(tmp_path, run_file, input_name, extra):
+  """Every preprocessing run file builds its pipeline through the launcher (dry run: nothing is executed)."""
+  (tmp_path / input_name).write_text("x\n")
+  (tmp_path / "predicted_queries_topk_sample000.txt").write_text("q\n")
+  extra = [e.replace("EXP", str(tmp_path / "predicted_queries_topk_sample*.txt")) for e in extra]
+  result = launch([f"--gin_file=runs/{run_file}", f"--gin.INPUT={tmp_path / input_name}",
+                   f"--gin.OUTPUT={tmp_path / 'out'}", "--gin.preprocess.dry_run=True", *extra])
+  assert result["dry_run"] and "Encode" in result["transforms"]
+  assert result["options"]["direct_num_workers"] == 2
+  assert result["options"]["direct_running_mode"] == "multi_processing"
+  assert not (tmp_path / "out" / "stats.json").exists()
