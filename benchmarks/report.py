@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import preprocess as _preprocess
+
 ANALYSIS = Path(__file__).with_name("analysis.md")
 
 
@@ -288,6 +290,7 @@ SECTIONS = [
     ("variants", "7a. Optimisation experiments (in process)", variants_lines),
     ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
     ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
+    ("preprocess", "9. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
 ]
 
 
@@ -332,6 +335,8 @@ def targets(results: dict) -> list[list]:
                    "yes" if v >= 20 else "no"])
       for name, ratio in s.get("scann_best_at_095_speedup_vs", {}).items():
         rows.append([f"ScaNN (same setting) / {name}", ">= 20x", _f(ratio, 1, "x"), "yes" if ratio >= 20 else "no"])
+  if "rows" in results.get("preprocess", {}):
+    rows += _preprocess.target_rows(results["preprocess"])
   return rows
 
 

@@ -28,7 +28,11 @@ STATS_FILE = "stats.json"
 
 
 def serialize(doc_id: str, sentences: Sequence[Sequence[int]], queries: Sequence[Sequence[int]] = ()) -> bytes:
-  """One record: `sentences` and `queries` are token-id lists (empty ones are dropped)."""
+  """One record: `sentences` and `queries` are token-id lists (empty ones are dropped).
+
+  Serialised deterministically (features in key order), so the same document gives the same bytes in every
+  process: a protobuf map is otherwise written in hash order, which PYTHONHASHSEED changes.
+  """
   sentences = [list(s) for s in sentences if len(s)]
   queries = [list(q) for q in queries if len(q)]
 
@@ -42,7 +46,7 @@ def serialize(doc_id: str, sentences: Sequence[Sequence[int]], queries: Sequence
       "query_tokens": ints([t for q in queries for t in q]),
       "query_lengths": ints([len(q) for q in queries]),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 _SPEC = {
