@@ -40,7 +40,7 @@ CONTEXT_TYPES = ("nearby", "overlap", "random")
 
 # Purposes of the random draws (the hash's second input): distinct streams per use.
 _SHORT, _TARGET, _ANCHOR, _TYPE, _NEARBY, _RANDOM, _OVERLAP, _TRUNC, _QUERY = range(1, 10)
-_MASK_COUNT, _MASK_SCORE, _MASK_ACTION, _MASK_RANDOM = range(20, 24)
+_MASK_COUNT, _MASK_SCORE = 20, 21
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -237,17 +237,23 @@ def mask_batch(ids: np.ndarray, keys: np.ndarray, *, ratio: float, info: VocabIn
   else:
     starts = maskable
   count = np.floor(ratio * starts.sum(1) + uniforms(keys, _MASK_COUNT, 1)[:, 0])
-  scores = np.where(starts, uniforms(keys, _MASK_SCORE, length), 2.0)
-  rank = np.empty((n, length), np.int64)
-  np.put_along_axis(rank, np.argsort(scores, axis=1, kind="stable"), np.arange(length)[None, :], axis=1)
+  # One 64-bit draw per position gives its score (16 bits), action (16 bits) and random piece (32 bits).
+  with np.errstate(over="ignore"):
+    salt = _mix(np.asarray([_MASK_SCORE], np.uint64) * _GOLDEN)
+    bits = _mix(keys[:, None] ^ salt + np.arange(length, dtype=np.uint64)[None, :] * _GOLDEN)
+  # A uniform subset of `count` units: the units of the `count` smallest scores (units score 0..65534, other
+  # positions 65535; a stable sort of 16-bit keys is a radix sort; ties, 1 in 65535 a pair, go to the earlier).
+  scores = np.where(starts, (bits & np.uint64(0xFFFF)).astype(np.uint16) % np.uint16(0xFFFF), np.uint16(0xFFFF))
+  rank = np.empty((n, length), np.int32)
+  np.put_along_axis(rank, np.argsort(scores, axis=1, kind="stable"), np.arange(length, dtype=np.int32)[None, :],
+                    axis=1)
   chosen_start = starts & (rank < count[:, None])
-  position = np.where(starts, np.arange(length)[None, :], -1)
+  position = np.where(starts, np.arange(length, dtype=np.int32)[None, :], -1)
   word_start = np.maximum.accumulate(position, axis=1)
   chosen = maskable & (word_start >= 0) & np.take_along_axis(chosen_start, np.maximum(word_start, 0), axis=1)
-  action = uniforms(keys, _MASK_ACTION, length)
-  replacement = info.replacement_ids[np.minimum(
-      (uniforms(keys, _MASK_RANDOM, length) * len(info.replacement_ids)).astype(np.int64),
-      len(info.replacement_ids) - 1)]
+  action = ((bits >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.float32) * (1.0 / 65536)
+  replacement = info.replacement_ids[((bits >> np.uint64(32)) * np.uint64(len(info.replacement_ids))
+                                      >> np.uint64(32)).astype(np.int64)]
   replaced = np.where(action < mask_token_prob, info.mask_id,
                       np.where(action < mask_token_prob + random_token_prob, replacement, ids))
   return (np.where(chosen, replaced, ids).astype(np.int32),
