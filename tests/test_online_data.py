@@ -1,6 +1,7 @@
 """Online pre-training input: CoT-MAE's sampling distribution against the reference algorithm, O(1) resume,
 host layout, index-keyed masks, whole-word masking and the data state kept beside the checkpoints."""
 
+import json
 import math
 import os
 import random
@@ -331,3 +332,39 @@ def test_resume_with_another_data_state_raises(tmp_path, task):
         task.source.fingerprint()
   finally:
     checkpointer.close()
+
+
+# --- the pre-training job on a record stream -----------------------------------------------------------------
+
+
+def _pretrain(model_dir, records_dir, *extra):
+  import subprocess
+  import sys
+  from pathlib import Path
+  command = [sys.executable, "-m", "mote_jax.launch", "--gin_file=runs/pretrain_tiny_smoke.gin",
+             f"--gin.MODEL_DIR={model_dir}", "--gin.spans/PretrainStream.task=@recs/register_records_task()",
+             "--gin.spans/PretrainStream.eval_split=None", "--gin.TrainerConfig.eval_every=0",
+             "--gin.recs/register_records_task.name='test_online.job'",
+             f"--gin.recs/register_records_task.directory='{records_dir}'",
+             "--gin.recs/register_records_task.vocab=%VOCAB", "--gin.recs/register_records_task.max_len=%MAX_LEN",
+             "--gin.TrainerConfig.checkpoint_every=2", "--gin.pretrain.export_hf=False", *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_pretrain_job_on_records_checks_the_data_state_on_resume(tmp_path, records_dir):
+  """The tiny recipe on a record stream: runs, resumes, and a resume with another batch size stops."""
+  first = _pretrain(tmp_path, records_dir, "--gin.NUM_STEPS=2")
+  assert first.returncode == 0, first.stderr[-3000:]
+  stored = json.loads((tmp_path / "checkpoints" / "data_state.json").read_text())
+  assert stored["streams"]["test_online.job"]["batch_size"] == 8 and stored["process_count"] == 1
+  changed = _pretrain(tmp_path, records_dir, "--gin.NUM_STEPS=4", "--gin.spans/PretrainStream.batch_size=16")
+  assert changed.returncode != 0
+  assert "streams.test_online.job.batch_size: 8 -> 16" in changed.stderr
+  allowed = _pretrain(tmp_path, records_dir, "--gin.NUM_STEPS=4", "--gin.spans/PretrainStream.batch_size=16",
+                      "--gin.pretrain.allow_data_state_change=True")
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  assert (tmp_path / "checkpoints" / "4").is_dir()

@@ -241,16 +241,20 @@ def mask_batch(ids: np.ndarray, keys: np.ndarray, *, ratio: float, info: VocabIn
   with np.errstate(over="ignore"):
     salt = _mix(np.asarray([_MASK_SCORE], np.uint64) * _GOLDEN)
     bits = _mix(keys[:, None] ^ salt + np.arange(length, dtype=np.uint64)[None, :] * _GOLDEN)
-  # A uniform subset of `count` units: the units of the `count` smallest scores (units score 0..65534, other
-  # positions 65535; a stable sort of 16-bit keys is a radix sort; ties, 1 in 65535 a pair, go to the earlier).
-  scores = np.where(starts, (bits & np.uint64(0xFFFF)).astype(np.uint16) % np.uint16(0xFFFF), np.uint16(0xFFFF))
-  rank = np.empty((n, length), np.int32)
-  np.put_along_axis(rank, np.argsort(scores, axis=1, kind="stable"), np.arange(length, dtype=np.int32)[None, :],
-                    axis=1)
-  chosen_start = starts & (rank < count[:, None])
-  position = np.where(starts, np.arange(length, dtype=np.int32)[None, :], -1)
-  word_start = np.maximum.accumulate(position, axis=1)
-  chosen = maskable & (word_start >= 0) & np.take_along_axis(chosen_start, np.maximum(word_start, 0), axis=1)
+  # A uniform subset of `count` units: those with the `count` smallest scores, a score being 16 random bits
+  # above the position (unique within a row); other positions score above every unit.
+  position = np.arange(length, dtype=np.uint32)[None, :]
+  scores = np.where(starts, ((bits & np.uint64(0xFFFF)).astype(np.uint32) << np.uint32(16)) | position,
+                    np.uint32(0xFFFFFFFF))
+  threshold = np.take_along_axis(np.sort(scores, axis=1), np.maximum(count - 1, 0).astype(np.int64)[:, None], 1)
+  chosen = starts & (scores <= threshold) & (count > 0)[:, None]
+  if whole_word:  # spread each chosen word start over its '##' pieces
+    inside = maskable & ~starts
+    while True:
+      spread = chosen | (inside & np.concatenate([np.zeros((n, 1), bool), chosen[:, :-1]], 1))
+      if np.array_equal(spread, chosen):
+        break
+      chosen = spread
   action = ((bits >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.float32) * (1.0 / 65536)
   replacement = info.replacement_ids[((bits >> np.uint64(32)) * np.uint64(len(info.replacement_ids))
                                       >> np.uint64(32)).astype(np.int64)]
