@@ -53,7 +53,7 @@ def run(quick: bool = False) -> dict:
 
   batch_size, max_len = 1024, 128
   num_docs, warmup, timed = (400, 1, 3) if quick else (5000, 3, 30)
-  result = {"load1_before": load1(), "cores": "1 (sched_setaffinity to CPU 0, as taskset -c 0)",
+  result = {"load1_before": load1(), "cores": "one core (sched_setaffinity to CPU 0, as taskset -c 0)",
             "batch_rows": batch_size, "max_len": max_len, "text": "synthetic ids (MS MARCO document length)"}
   vocab = WordPieceVocabulary(str(hf_interop.resolve_checkpoint("all-MiniLM-L6-v2")))
   with tempfile.TemporaryDirectory(prefix="mote_input_bench_") as directory:
