@@ -297,6 +297,15 @@ def test_mask_batch_rates(vocab):
   assert abs(mask_share - 0.8) < 0.01 and abs(kept_share - 0.1) < 0.01
 
 
+def test_empty_record_is_a_clear_error(tmp_path, vocab):
+  writer = ArrayRecordWriter(os.fspath(tmp_path / f"records-00000-of-00001{records.SHARD_SUFFIX}"), "group_size:1")
+  writer.write(records.serialize("empty", []))
+  writer.close()
+  empty = register_records_task("test_online.empty", os.fspath(tmp_path), vocab=vocab, max_len=32, overwrite=True)
+  with pytest.raises(ValueError, match=r"records without sentences at example indices \[0, 1\]"):
+    empty.batch_at(0, batch_size=4, seed=0)
+
+
 def test_query_pairs_from_records(records_dir, vocab):
   q2p = register_records_task("test_online.q2p", os.fspath(records_dir), vocab=vocab, max_len=32,
                               pairing="query_to_passage", overwrite=True)

@@ -296,6 +296,9 @@ class PairSampler:
     trunc = uniforms(keys, _TRUNC, 2)
     if self.pairing == "span_pairs":
       sentence_lengths, num_sentences = _dense(parsed["sentence_lengths"], parsed["sentence_lengths_splits"])
+      if (num_sentences == 0).any():
+        raise ValueError(f"span_pairs: records without sentences at example indices "
+                         f"{indices[num_sentences == 0][:5].tolist()}; the offline job must drop empty documents")
       out = sample_spans(sentence_lengths.astype(np.int64), num_sentences, keys, max_len=self.max_len,
                          sampling=self.sampling)
       a_start, a_end = truncate(out["anchor_start"], out["anchor_end"], trunc[:, 0], budget)
