@@ -297,6 +297,40 @@ def test_mask_batch_rates(vocab):
   assert abs(mask_share - 0.8) < 0.01 and abs(kept_share - 0.1) < 0.01
 
 
+def test_all_spans_as_anchors(records_dir, vocab, task):
+  """anchors='all': every document gives as many examples per epoch as it has full-target spans, one per slot."""
+  import collections
+
+  import tensorflow as tf
+  from mote_jax.data.sampling import full_target_span_counts
+  every = register_records_task("test_online.all", os.fspath(records_dir), vocab=vocab, max_len=32,
+                                sampling=SpanSampling(anchors="all"), overwrite=True)
+  per_epoch = every.examples_per_epoch
+  parsed = records.parse(tf.constant(list(every.source.read(np.arange(13)))))["sentence_lengths"]
+  counts = full_target_span_counts(parsed.to_tensor().numpy().astype(np.int64), parsed.row_lengths().numpy(), 32)
+  assert per_epoch == counts.sum() > 13
+  for epoch in range(2):
+    record, slot, slots = (x.numpy() for x in every.locate(tf.range(epoch * per_epoch, (epoch + 1) * per_epoch,
+                                                                      dtype=tf.int64), 5))
+    assert collections.Counter(record.tolist()) == {d: int(c) for d, c in enumerate(counts)}
+    assert sorted(zip(record, slot)) == [(d, j) for d in range(13) for j in range(counts[d])]
+    assert (slots == counts[record]).all()
+  # Slot j of M anchors a span of the j-th of M equal strata of the epoch's spans.
+  n = 4000
+  lengths = np.tile(np.asarray([[40, 50, 30, 60, 20, 70, 10, 80, 45, 35]]), (n, 1))
+  slots = np.full(n, 4)
+  slot = np.arange(n) % 4
+  out = sample_spans(lengths, np.full(n, 10), example_keys(1, np.arange(n)), max_len=64,
+                     sampling=SpanSampling(anchors="all"), anchor_slot=slot, anchor_slots=slots)
+  a, m = out["anchor_span"], out["num_spans"]
+  assert ((a >= np.floor(slot * m / 4)) & (a <= np.floor((slot + 1) * m / 4))).all()
+  assert len(np.unique(a)) == m.max()  # every span index is reached
+  first = _take(every, 0, 1)[0]
+  assert first["anchor_input_ids"].shape == (BATCH, 32)
+  assert every.data_state()["sampling"]["anchors"] == "all"
+  assert task.examples_per_epoch == 13
+
+
 def test_empty_record_is_a_clear_error(tmp_path, vocab):
   writer = ArrayRecordWriter(os.fspath(tmp_path / f"records-00000-of-00001{records.SHARD_SUFFIX}"), "group_size:1")
   writer.write(records.serialize("empty", []))

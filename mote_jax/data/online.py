@@ -3,7 +3,7 @@
 Stream of a run (batch size B rows, r rows per example: 2 with `both_directions`, P = B / r examples a step):
 
   step t -> global example indices i in [t P, (t + 1) P); host h of n takes the contiguous P / n of them
-  i -> epoch e = i // N, position p = i % N (N records)
+  i -> epoch e = i // N, position p = i % N (N records; with `anchors='all'` N record slots, see `locate`)
     -> record = index_shuffle(p; seed, e)      a stateless permutation of the records per epoch
   records of the host's examples -> one ArrayRecord batch read -> `records.parse` (one TF op)
     -> `sampling.PairSampler` (one numpy call a batch: spans, context, truncation, masks, all keyed by i)
@@ -38,7 +38,7 @@ import tensorflow as tf
 from mote_jax.data import records
 from mote_jax.data.feature_converter import MODEL_FEATURE_NAMES
 from mote_jax.data.masking import MaskingConfig
-from mote_jax.data.sampling import PairSampler, SpanSampling
+from mote_jax.data.sampling import PairSampler, SpanSampling, full_target_span_counts
 from mote_jax.data.vocabulary import WordPieceVocabulary
 
 PAIRINGS = {"span_pairs": ("passage", "passage"), "passage_to_query": ("passage", "query"),
@@ -120,11 +120,12 @@ class RecordsSource(seqio.DataSource):
 
 
 def parse_records(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """seqio preprocessor: `{"index" [n], "seed" [], "serialized" [n]}` -> the record features as values + splits."""
+  """seqio preprocessor: `{"index", "anchor_slot", "anchor_slots" [n], "seed" [], "serialized" [n]}` -> the
+  same with the record features as values + row splits instead of `serialized`."""
 
   def parse(batch):
     parsed = records.parse(batch["serialized"])
-    out = {"index": batch["index"], "seed": batch["seed"]}
+    out = {k: batch[k] for k in ("index", "seed", "anchor_slot", "anchor_slots")}
     for name in records.FEATURES[1:]:
       out[name] = parsed[name].values
       out[f"{name}_splits"] = parsed[name].row_splits
@@ -137,6 +138,7 @@ def sample_pairs(dataset: tf.data.Dataset, *, sampler: PairSampler) -> tf.data.D
   """seqio preprocessor: parsed records of examples `index` [n] of a run seeded `seed` -> masked pairs (one
   numpy call per batch)."""
   keys = [name for base in records.FEATURES[1:] for name in (base, f"{base}_splits")]
+  keys += ["anchor_slot", "anchor_slots"]
 
   def run(index, seed, *arrays):
     parsed = dict(zip(keys, arrays))
@@ -203,6 +205,7 @@ class RecordPairTask(seqio.Task):
     """The task's part of the data state a checkpoint stores (JSON-able)."""
     s = self._spec
     return {"records": s.directory, "fingerprint": self.source.fingerprint(), "num_records": len(self.source),
+            "examples_per_epoch": self.examples_per_epoch,
             "pairing": s.pairing, "max_len": s.max_len, "both_directions": s.both_directions,
             "masking": dataclasses.asdict(s.masking),
             "sampling": {**dataclasses.asdict(s.sampling), "context_types": list(s.sampling.context_types)}}
@@ -214,14 +217,46 @@ class RecordPairTask(seqio.Task):
     start = tf.cast(step, tf.int64) * per_step + shard_index * local
     return tf.range(start, start + local, dtype=tf.int64)
 
-  def record_indices(self, indices: tf.Tensor, seed: int) -> tf.Tensor:
-    """Global example indices int64 [n] -> record indices int64 [n]: a stateless permutation per epoch."""
-    num_records = tf.constant(len(self.source), tf.int64)
-    epoch, position = indices // num_records, indices % num_records
+  @functools.cached_property
+  def _slot_offsets(self) -> np.ndarray:
+    """int64 [N + 1] (`anchors='all'`): first example slot of each record in an epoch; one pass over the records
+    when the task is first used, the same at any start step."""
+    counts = []
+    for start in range(0, len(self.source), 4096):
+      serialized = self.source.read(np.arange(start, min(start + 4096, len(self.source))))
+      lengths = records.parse(tf.constant(list(serialized)))["sentence_lengths"]
+      dense, num = lengths.to_tensor().numpy().astype(np.int64), lengths.row_lengths().numpy()
+      counts.append(full_target_span_counts(dense, num, self._spec.max_len))
+    return np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+
+  @property
+  def examples_per_epoch(self) -> int:
+    """N records, or with `anchors='all'` the sum of the records' full-target span counts."""
+    return int(self._slot_offsets[-1]) if self._all_anchors else len(self.source)
+
+  @property
+  def _all_anchors(self) -> bool:
+    return self._spec.pairing == "span_pairs" and self._spec.sampling.anchors == "all"
+
+  def locate(self, indices: tf.Tensor, seed: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Global example indices int64 [n] -> (record, anchor slot, anchor slots of the record), int64 [n] each:
+    a stateless permutation of the epoch's examples (records, or record slots with `anchors='all'`)."""
+    per_epoch = tf.constant(self.examples_per_epoch, tf.int64)
+    epoch, position = indices // per_epoch, indices % per_epoch
     seeds = tf.stack([tf.fill(tf.shape(indices), tf.constant(seed, tf.int64)),
                       tf.fill(tf.shape(indices), tf.constant(_SHUFFLE_STREAM, tf.int64)), epoch], axis=1)
-    return tf.raw_ops.RandomIndexShuffle(index=position, seed=seeds,
-                                         max_index=tf.fill(tf.shape(indices), num_records - 1))
+    shuffled = tf.raw_ops.RandomIndexShuffle(index=position, seed=seeds,
+                                             max_index=tf.fill(tf.shape(indices), per_epoch - 1))
+    if not self._all_anchors:
+      return shuffled, tf.zeros_like(shuffled), tf.ones_like(shuffled)
+    offsets = tf.constant(self._slot_offsets)
+    record = tf.searchsorted(offsets, shuffled, side="right", out_type=tf.int64) - 1
+    start = tf.gather(offsets, record)
+    return record, shuffled - start, tf.gather(offsets, record + 1) - start
+
+  def record_indices(self, indices: tf.Tensor, seed: int) -> tf.Tensor:
+    """Global example indices int64 [n] -> record indices int64 [n] (see `locate`)."""
+    return self.locate(indices, seed)[0]
 
   def batches(self, *, batch_size: int, seed: int, start_step: int = 0, shard_index: int = 0,
               num_shards: int = 1) -> tf.data.Dataset:
@@ -231,8 +266,10 @@ class RecordPairTask(seqio.Task):
 
     def examples(step):
       index = self.example_indices(step, batch_size=batch_size, shard_index=shard_index, num_shards=num_shards)
-      serialized = tf.ensure_shape(read(self.record_indices(index, seed)), [None])
-      return {"index": index, "seed": tf.constant(seed, tf.int64), "serialized": serialized}
+      record, slot, slots = self.locate(index, seed)
+      serialized = tf.ensure_shape(read(record), [None])
+      return {"index": index, "seed": tf.constant(seed, tf.int64), "serialized": serialized,
+              "anchor_slot": slot, "anchor_slots": slots}
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(examples)
     return self.preprocess_postcache(ds, sequence_length=None, seed=seed).prefetch(2)
@@ -247,9 +284,10 @@ class RecordPairTask(seqio.Task):
 
   def pairs_of(self, indices: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """The masked rows of examples `indices` (int64 [n]), in Python (tests, inspection)."""
-    serialized = self.source.read(self.record_indices(tf.constant(indices, tf.int64), seed).numpy())
+    record, slot, slots = self.locate(tf.constant(indices, tf.int64), seed)
+    serialized = self.source.read(record.numpy())
     parsed = records.parse(tf.constant(list(serialized)))
-    flat = {}
+    flat = {"anchor_slot": slot.numpy(), "anchor_slots": slots.numpy()}
     for name in records.FEATURES[1:]:
       flat[name] = parsed[name].values.numpy()
       flat[f"{name}_splits"] = parsed[name].row_splits.numpy()

@@ -80,12 +80,18 @@ class SpanSampling:
   short_span_prob: float = 0.15
   window_size: int = 100
   context_types: tuple[str, ...] = CONTEXT_TYPES  # drawn uniformly per example; one type = that type only
+  # "one": one uniform anchor span per document per epoch (the reference's CotMAEDataset); "all": as many anchors
+  # per document and epoch as it has spans at the full target, anchor slot j of M drawn from the j-th of M equal
+  # strata of the epoch's spans (so every span can be an anchor and each document weighs by its length).
+  anchors: str = "one"
 
   def __post_init__(self):
     if not 0.0 <= self.short_span_prob <= 1.0:
       raise ValueError(f"SpanSampling.short_span_prob={self.short_span_prob}: expected a value in [0, 1]")
     if self.window_size < 1:
       raise ValueError(f"SpanSampling.window_size={self.window_size}: expected >= 1")
+    if self.anchors not in ("one", "all"):
+      raise ValueError(f"SpanSampling.anchors={self.anchors!r}: expected 'one' or 'all'")
     bad = [t for t in self.context_types if t not in CONTEXT_TYPES]
     if bad or not self.context_types:
       raise ValueError(f"SpanSampling.context_types={self.context_types}: expected a non-empty subset of "
@@ -141,11 +147,20 @@ def segment(sentence_lengths: np.ndarray, num_sentences: np.ndarray, keys: np.nd
   return {"num_spans": num_spans, "span_start": span_start, "target": target}
 
 
+def full_target_span_counts(sentence_lengths: np.ndarray, num_sentences: np.ndarray, max_len: int) -> np.ndarray:
+  """int [n]: spans per document when every target is `max_len` (the anchor slots of `anchors='all'`)."""
+  keys = np.zeros(len(num_sentences), np.uint64)
+  return segment(sentence_lengths, num_sentences, keys, max_len, 0.0)["num_spans"]
+
+
 def sample_spans(sentence_lengths: np.ndarray, num_sentences: np.ndarray, keys: np.ndarray, *, max_len: int,
-                 sampling: SpanSampling) -> dict[str, np.ndarray]:
+                 sampling: SpanSampling, anchor_slot: np.ndarray | None = None,
+                 anchor_slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Anchor and context token ranges of a batch of documents (before truncation).
 
-  Args: as `segment`, `max_len` the text length with [CLS] and [SEP].
+  Args: as `segment`, `max_len` the text length with [CLS] and [SEP]; `anchor_slot`, `anchor_slots` int [n]
+  (`anchors='all'`): the anchor is drawn from stratum `anchor_slot` of `anchor_slots` equal strata of the spans
+  (None: uniformly among all spans).
 
   Returns int64 [n] arrays: anchor_start, anchor_end, context_start, context_end (token offsets in the document),
   context_type (index into CONTEXT_TYPES), anchor_span, context_span (span indices; -1 for an overlap context),
@@ -158,7 +173,10 @@ def sample_spans(sentence_lengths: np.ndarray, num_sentences: np.ndarray, keys: 
   offsets = np.zeros((n, width + 1), np.int64)
   np.cumsum(sentence_lengths, axis=1, out=offsets[:, 1:])
 
-  anchor = np.minimum(np.floor(uniforms(keys, _ANCHOR, 1)[:, 0] * m).astype(np.int64), m - 1)
+  u = uniforms(keys, _ANCHOR, 1)[:, 0]
+  if anchor_slot is not None:
+    u = (anchor_slot + u) / np.maximum(anchor_slots, 1)
+  anchor = np.minimum(np.floor(u * m).astype(np.int64), m - 1)
   s0, s1 = span_start[rows, anchor], span_start[rows, anchor + 1]
 
   # nearby: i - 1 or i + 1, whichever exist, uniformly.
@@ -300,7 +318,8 @@ class PairSampler:
         raise ValueError(f"span_pairs: records without sentences at example indices "
                          f"{indices[num_sentences == 0][:5].tolist()}; the offline job must drop empty documents")
       out = sample_spans(sentence_lengths.astype(np.int64), num_sentences, keys, max_len=self.max_len,
-                         sampling=self.sampling)
+                         sampling=self.sampling, anchor_slot=parsed.get("anchor_slot"),
+                         anchor_slots=parsed.get("anchor_slots"))
       a_start, a_end = truncate(out["anchor_start"], out["anchor_end"], trunc[:, 0], budget)
       c_start, c_end = truncate(out["context_start"], out["context_end"], trunc[:, 1], budget)
       out["anchor_tokens"] = gather_texts(tokens, doc_offset, a_start, a_end, self.max_len, self.info)
