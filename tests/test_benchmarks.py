@@ -212,3 +212,13 @@ def test_cli_runs_a_section(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["gemm"]["peak_fp32_gflops"] > 0
   assert "fp32 peak" in out.read_text()
+
+
+def test_input_section_rows_render():
+  section = {"cores": "1", "text": "synthetic ids", "records": {"documents": 10, "mean_ids_per_document": 1500.0},
+             "batch_rows": 1024, "max_len": 128, "timed_batches": 3, "rows_per_s": 12_000.0,
+             "span_pairs_per_s": 6_000.0, "first_batch_ratio": 2.5, "anchor_masked_share": 0.3,
+             "first_batch_s": {"0": {"median": 0.2}, "1000000": {"median": 0.5}}}
+  text = report.render({"input": section}, "python -m benchmarks")
+  assert "| online input pipeline, masked pairs/s on one core (synthetic ids) | >= 10,000 | 12,000 | yes |" in text
+  assert "| online input: time to first batch at step 10^6 / at step 0 | <= 2x | 2.50x | no |" in text

@@ -3,6 +3,7 @@
   tasks.register_*      register span-pair / query-pair tasks (explicit, idempotent)
   batches.PairBatches   one host's fixed-shape numpy batches of a task, resumable at any step
   masking.mask_tokens   BERT 80/10/10 (whole-word) masking, stateless
+  online.register_records_task, online.RecordBatches   online span sampling from pre-tokenised records, O(1) resume
 
 Names are imported lazily (PEP 562), so that `import mote_jax.data.finetune` does not pull in TensorFlow and
 seqio through this package.
@@ -14,6 +15,8 @@ _EXPORTS = {
     "mote_jax.data.batches": ("PairBatches", "host_seed"),
     "mote_jax.data.feature_converter": ("MODEL_FEATURE_NAMES", "TASK_FEATURE_NAMES", "PairFeatureConverter"),
     "mote_jax.data.masking": ("IGNORE_LABEL", "MaskingConfig", "mask_pairs", "mask_tokens"),
+    "mote_jax.data.online": ("RecordBatches", "RecordPairTask", "RecordsSource", "register_records_task"),
+    "mote_jax.data.sampling": ("CONTEXT_TYPES", "PairSampler", "SpanSampling"),
     "mote_jax.data.readers": ("BEIR_CORPUS", "DataFormatError", "Document", "JsonlFormat", "ReadStats",
                               "TextFormat"),
     "mote_jax.data.sources": ("DocumentSource", "TfdsDocumentSource"),

@@ -32,11 +32,11 @@ IGNORE_LABEL = -100  # label of unmasked positions (PyTorch/HF convention; the l
 @dataclasses.dataclass(frozen=True)
 class MaskingConfig:
   """Masking of a pair: the anchor (encoder input) at `encoder_ratio`, the context (decoder input) at
-  `decoder_ratio`, CoT-MAE's 0.30 / 0.45 by default."""
+  `decoder_ratio`, CoT-MAE's 0.30 / 0.45 and whole words by default."""
 
   encoder_ratio: float = 0.30
   decoder_ratio: float = 0.45
-  whole_word: bool = False
+  whole_word: bool = True  # as the reference (HF DataCollatorForWholeWordMask)
   mask_token_prob: float = 0.8
   random_token_prob: float = 0.1
 

@@ -26,7 +26,8 @@ from mote_jax.training.trainer import TrainerConfig
 for _configurable in (MeshConfig, MoteConfig, ObjectiveConfig, OptimizerConfig, TrainerConfig, data.MaskingConfig,
                       SamplingConfig, ContrastiveConfig, EncodeOptions, ScannConfig,
                       data.register_beir_corpus_task, data.register_jsonl_task, data.register_text_file_task,
-                      data.register_tfds_task, data.register_query_pair_tasks):
+                      data.register_tfds_task, data.register_query_pair_tasks, data.register_records_task,
+                      data.SpanSampling):
   gin.external_configurable(_configurable, module="mote_jax")
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from etils import epath
 
 from mote_jax import hf_interop
 from mote_jax.data import PairBatches, PairTask
+from mote_jax.data.online import RecordBatches, RecordPairTask
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
@@ -30,9 +31,14 @@ log = logging.getLogger(__name__)
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PretrainStream:
-  """One homogeneous stream of pairs: a registered `PairTask` and its share of every global batch (in pairs)."""
+  """One homogeneous stream of pairs: a registered task and its share of every global batch (in rows).
 
-  task: PairTask = gin.REQUIRED
+  `task`: a `PairTask` (documents tokenised in the pipeline) or a `RecordPairTask` (pre-tokenised records with
+  online span sampling and O(1) resume; with `both_directions` each example gives two rows, so `batch_size`
+  rows hold `batch_size / 2` span pairs in both directions).
+  """
+
+  task: PairTask | RecordPairTask = gin.REQUIRED
   batch_size: int = gin.REQUIRED
   eval_split: str | None = None  # the task's held-out split (e.g. 'validation'), for periodic evaluation
 
@@ -85,17 +91,39 @@ def trained_lengths(streams: Sequence[PretrainStream]) -> dict[str, int]:
   return lengths
 
 
+def data_state(streams: Sequence[PretrainStream], seed: int, process_count: int) -> dict:
+  """What defines the run's input stream (JSON-able), stored beside the checkpoints and checked on resume."""
+  state = {"data_seed": seed, "process_count": process_count, "streams": {}}
+  for spec in streams:
+    task = spec.task
+    if isinstance(task, RecordPairTask):
+      task_state = task.data_state()
+    else:
+      s = task.spec
+      task_state = {"source": repr(s.source), "pairing": s.pairing, "max_len": s.max_len,
+                    "masking": dataclasses.asdict(s.masking), "shuffle_buffer_size": s.shuffle_buffer_size}
+    state["streams"][spec.name] = {"batch_size": spec.batch_size, **task_state}
+  return state
+
+
+def _host_batches(spec: PretrainStream, seed: int, start_step: int, evaluation: bool) -> Iterator[dict]:
+  if isinstance(spec.task, RecordPairTask):
+    if evaluation:
+      raise ValueError(f"stream {spec.name!r}: record tasks have no held-out split; set its eval_split to None")
+    return RecordBatches(spec.task, batch_size=spec.batch_size, seed=seed, start_step=start_step,
+                         shard_index=jax.process_index(), num_shards=jax.process_count())
+  return PairBatches(spec.task, batch_size=spec.batch_size, seed=seed, start_step=start_step,
+                     shard_index=jax.process_index(), num_shards=jax.process_count(),
+                     split=spec.eval_split if evaluation else "train", shuffle=not evaluation)
+
+
 def _batch_stream(streams: Sequence[PretrainStream], seed: int, start_step: int, evaluation: bool = False
                   ) -> Iterator[dict]:
   """{stream name: this host's rows of the stream's batch}, step after step, from `start_step` on.
 
   With `evaluation`, the streams' held-out splits, unshuffled. Closing the generator closes the iterators.
   """
-  iterators = {
-      spec.name: PairBatches(spec.task, batch_size=spec.batch_size, seed=seed, start_step=start_step,
-                             shard_index=jax.process_index(), num_shards=jax.process_count(),
-                             split=spec.eval_split if evaluation else "train", shuffle=not evaluation)
-      for spec in streams}
+  iterators = {spec.name: _host_batches(spec, seed, start_step, evaluation) for spec in streams}
   try:
     while True:
       yield {name: next(iterator) for name, iterator in iterators.items()}
@@ -110,7 +138,7 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
              model_overrides: dict | None = None, objective: ObjectiveConfig = ObjectiveConfig(),
              optimizer: OptimizerConfig = OptimizerConfig(), trainer: TrainerConfig = TrainerConfig(),
              mesh: MeshConfig = MeshConfig(), data_seed: int = 0, init_seed: int = 0, eval_batches: int = 4,
-             export_hf: bool = True):
+             export_hf: bool = True, allow_data_state_change: bool = False):
   """Pre-trains a MoTE encoder with CoT-MAE; resumes from MODEL_DIR/checkpoints when it holds any.
 
   Args:
@@ -125,6 +153,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     data_seed, init_seed: seeds of the data stream (shuffling, masking) and of fresh parameters.
     eval_batches: held-out batches per evaluation (streams with an `eval_task`).
     export_hf: write MODEL_DIR/hf/{query,passage} HF towers at the end.
+    allow_data_state_change: resume even when the data state (batch sizes, seed, process count, sampling
+      settings, records) differs from the checkpoint's (by default that stops with the changed fields).
   """
   if (init_checkpoint is None) == (model is None):
     raise ValueError("pretrain: set exactly one of init_checkpoint (an HF BERT) and model (a MoteConfig)")
@@ -177,6 +207,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
+  checkpointer.check_data_state(data_state(streams, data_seed, jax.process_count()),
+                                allow_change=allow_data_state_change)
   state = loop.restore_or_init(checkpointer, init_params, abstract_params)
   log.info("pre-training %s (%s) on mesh %s: %s params, streams %s, %.3g model FLOPs/step", config.tower_mode,
            init_checkpoint or "random init", dict(partitioner.mesh.shape),
