@@ -20,6 +20,7 @@ from mote_jax.data import PairBatches, PairTask
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
+from mote_jax.training import flops as peak_flops
 from mote_jax.training.checkpointing import Checkpointer
 from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
 from mote_jax.training.trainer import Trainer, TrainerConfig
@@ -124,6 +125,7 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     config = hf_interop.config_from_hf(checkpoint_dir, tower_mode, **(model_overrides or {}))
   else:
     config = model.replace(**(model_overrides or {}))
+  config = config.for_platform(partitioner.mesh.devices.flat[0].platform)  # dtype "auto": bf16 on TPU/GPU
   pretrain_model = PretrainModel(config, objective)
   rng = jax.random.PRNGKey(init_seed)
   boxed = jax.eval_shape(pretrain_model.init, rng)
@@ -161,6 +163,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
       batches.close()
 
   flops = model_flops_per_step(config, objective, streams)
+  trainer = dataclasses.replace(trainer, peak_flops_per_device=peak_flops.resolve_peak_flops(
+      trainer.peak_flops_per_device, partitioner.mesh.devices.flat[0].device_kind, config.dtype))
   routes = [config.route(t) for s in stream_defs for t in (s.anchor_type, s.context_type)]
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed), flops,
                  eval_loss_fn=eval_loss_fn if eval_specs else None, routed=routed_slices(boxed, routes))
