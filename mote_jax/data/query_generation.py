@@ -108,7 +108,7 @@ def file_format_of(path: str, input_format: InputFormat) -> str:
     if input_format not in ("beir_jsonl", "msmarco_tsv"):
       raise ValueError(f"input_format={input_format!r}: expected 'auto', 'beir_jsonl' or 'msmarco_tsv'")
     return input_format
-  name = path.lower().removesuffix(".gz")
+  name = path.lower()
   if name.endswith((".jsonl", ".json")):
     return "beir_jsonl"
   if name.endswith(".tsv"):
