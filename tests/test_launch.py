@@ -62,13 +62,13 @@ def test_unknown_gin_binding_is_gins_error(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "t5x_configs" / "runs").glob("*.gin")))
 def test_every_run_config_parses(name):
-  """Each run file, its includes and every configurable it names parse (values are only checked when run)."""
+  """Each run file (some, like the stage-2 overlays, are added to another), its includes and every configurable it
+  names parse; values are only checked when a job runs."""
   import gin
   from mote_jax import jobs  # noqa: F401  (registers the configurables)
   gin.clear_config()
   gin.add_config_file_search_path(str(REPO / "t5x_configs"))
   try:
     gin.parse_config_files_and_bindings([str(REPO / "t5x_configs" / "runs" / name)], [], finalize_config=False)
-    assert gin.query_parameter("run.job") is not None
   finally:
     gin.clear_config()
