@@ -68,7 +68,7 @@ def test_queries_are_model_generate_with_docT5query_sampling(tmp_path, tiny_t5):
   corpus = _write_corpus(tmp_path / "corpus.jsonl")
   stats = run_pipeline(str(corpus), str(tmp_path / "out"), _config(tiny_t5), passages_per_shard=3,
                        pipeline_args=ONE_WORKER)
-  assert stats == {"shards_written": 2, "shards_reused": 0, "passages": 5, "queries": 15}
+  assert stats == {"shards_written": 2, "shards_reused": 0, "passages": 5, "queries": 15, "empty_skipped": 0}
   records = _records(tmp_path / "out")
   assert [r["id"] for r in records] == [p[0] for p in PASSAGES]
   assert all(len(r["predicted_queries"]) == 3 for r in records)
@@ -126,7 +126,7 @@ def test_same_output_for_one_and_two_workers_and_after_an_interruption(tmp_path,
   (tmp_path / "one" / "queries-0000-000001.jsonl").unlink()
   (tmp_path / "one" / "queries-0000-000002.jsonl.tmp-dead").write_text("partial")
   stats = run_pipeline(str(tsv), str(tmp_path / "one"), config, passages_per_shard=4, pipeline_args=ONE_WORKER)
-  assert stats == {"shards_written": 1, "shards_reused": 2, "passages": 9, "queries": 18}
+  assert stats == {"shards_written": 1, "shards_reused": 2, "passages": 9, "queries": 18, "empty_skipped": 0}
   assert _read_output(tmp_path / "one") == one
 
   # Other settings into the same directory: an error naming the setting.
@@ -136,6 +136,10 @@ def test_same_output_for_one_and_two_workers_and_after_an_interruption(tmp_path,
 
 def test_bad_input_names_file_and_line(tmp_path, tiny_t5):
   corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"_id": "e", "text": " "}\n{"_id": "a", "text": "fine"}\n')
+  stats = run_pipeline(str(corpus), str(tmp_path / "ok"), _config(tiny_t5), pipeline_args=ONE_WORKER)
+  assert (stats["passages"], stats["empty_skipped"]) == (1, 1)
+  assert [r["id"] for r in _records(tmp_path / "ok")] == ["a"]
   corpus.write_text('{"_id": "a", "text": "fine"}\n\n{"_id": "b", "text": "broken"\n')
   with pytest.raises(Exception, match=r"corpus\.jsonl:3: invalid JSON"):
     run_pipeline(str(corpus), str(tmp_path / "out"), _config(tiny_t5), pipeline_args=ONE_WORKER)

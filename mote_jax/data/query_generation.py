@@ -248,10 +248,11 @@ class GenerateShard(beam.DoFn):
     if tf.io.gfile.exists(path):  # written by an earlier, interrupted run with the same settings
       with tf.io.gfile.GFile(path, "r") as f:
         records = [json.loads(line) for line in f]
-      yield {"shards_reused": 1, "passages": len(records),
+      yield {"shards_reused": 1, "passages": len(records),  # (its empty passages were counted when written)
              "queries": sum(len(r["predicted_queries"]) for r in records)}
       return
-    passages = list(read_shard(shard))
+    read = list(read_shard(shard))
+    passages = [p for p in read if p.text or p.title]  # nothing to generate from: counted, not written
     lines, queries = [], 0
     for start in range(0, len(passages), self.config.batch_size):
       batch = passages[start:start + self.config.batch_size]
@@ -259,11 +260,12 @@ class GenerateShard(beam.DoFn):
         lines.append(_record(passage, generated))
         queries += len(generated)
     _write_atomically(path, "".join(lines))
-    yield {"shards_written": 1, "passages": len(passages), "queries": queries}
+    yield {"shards_written": 1, "passages": len(passages), "queries": queries,
+           "empty_skipped": len(read) - len(passages)}
 
 
 def _sum_counts(counts: Iterable[dict]) -> dict:
-  total = {"shards_written": 0, "shards_reused": 0, "passages": 0, "queries": 0}
+  total = {"shards_written": 0, "shards_reused": 0, "passages": 0, "queries": 0, "empty_skipped": 0}
   for c in counts:
     for k, v in c.items():
       total[k] += v
