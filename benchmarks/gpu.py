@@ -4,8 +4,8 @@ The same production step as section 1 (`jax_step.JaxStep`: `Trainer`'s jitted st
 built with `MoteConfig(dtype="bfloat16")` (bf16 compute; parameters, optimizer state, logits, softmax and
 LayerNorm statistics stay fp32) and timed round-robin against the same step in fp32. MFU is the hand-counted
 model FLOPs (`model_flops_per_step`) per second over two denominators: the datasheet's dense (no sparsity) bf16
-tensor-core peak of the device (`BF16_DENSE_TFLOPS`, matched on `device_kind`) and a bf16 matmul measured in the
-same process.
+tensor-core peak of the device (the library's table, `mote_jax.training.flops.PEAK_TFLOPS`, matched on
+`device_kind`, the one training reports MFU against) and a bf16 matmul measured in the same process.
 
 It runs only where JAX sees a GPU, which needs a CUDA build of jaxlib at the pinned version (JAX's installation
 guide: the `jax[cuda...]` extras); elsewhere the section records why it did not run. `--options '{"platform":
@@ -25,30 +25,17 @@ import numpy as np
 
 from benchmarks.common import load1, machine, section_main, time_interleaved
 from benchmarks.gemm import best_rate
-
-# Dense bf16 tensor-core peaks (TFLOP/s, without 2:4 sparsity) from NVIDIA's datasheets, matched as substrings
-# of `device.device_kind` in this order (the first match wins, so the specific names come first).
-BF16_DENSE_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H200", 989.4),
-    ("H100", 989.4),  # SXM5
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-)
+from mote_jax.training.flops import peak_flops_per_device
 
 GPU_SHAPES = ("minilm", "bert-base")
 DTYPES = ("bfloat16", "float32")
 
 
 def datasheet_peak_tflops(device_kind: str) -> float | None:
-  """The dense bf16 peak of a device kind ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB', ...), or None if unlisted."""
-  for name, tflops in BF16_DENSE_TFLOPS:
-    if name in device_kind:
-      return tflops
-  return None
+  """The dense bf16 peak of a device kind ('NVIDIA H200', 'NVIDIA A100-SXM4-80GB', ...) in TFLOP/s, from the
+  library's table (`mote_jax.training.flops`), or None if unlisted."""
+  peak = peak_flops_per_device(device_kind, "bfloat16")
+  return None if peak is None else peak / 1e12
 
 
 def measured_matmul_tflops(device, n: int, repeats: int = 5) -> float:
@@ -84,7 +71,8 @@ def run(quick: bool = False, platform: str = "gpu", shapes: list | None = None, 
   result = {"device": str(device), "device_kind": device.device_kind, "platform": device.platform,
             "device_count": len(devices), "batch_size": batch_size, "length": length,
             "datasheet_bf16_tflops": datasheet,
-            "datasheet_source": "--options peak_tflops" if peak_tflops else "BF16_DENSE_TFLOPS",
+            "datasheet_source": ("--options peak_tflops" if peak_tflops
+                                 else "mote_jax.training.flops.PEAK_TFLOPS"),
             "host": {key: host[key] for key in ("cpu", "cores", "memory_gb", "versions")},
             "load1_before": load1(), "shapes": {}}
   result["matmul_bf16_tflops"] = measured_matmul_tflops(device, matmul_n)

@@ -58,3 +58,17 @@ def test_unknown_gin_binding_is_gins_error(tmp_path):
                     "--gin.import_hf.no_such_arg=1"], tmp_path)
   assert result.returncode != 0
   assert "no_such_arg" in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "t5x_configs" / "runs").glob("*.gin")))
+def test_every_run_config_parses(name):
+  """Each run file (some, like the stage-2 overlays, are added to another), its includes and every configurable it
+  names parse; values are only checked when a job runs."""
+  import gin
+  from mote_jax import jobs  # noqa: F401  (registers the configurables)
+  gin.clear_config()
+  gin.add_config_file_search_path(str(REPO / "t5x_configs"))
+  try:
+    gin.parse_config_files_and_bindings([str(REPO / "t5x_configs" / "runs" / name)], [], finalize_config=False)
+  finally:
+    gin.clear_config()

@@ -16,11 +16,13 @@ import jax
 from etils import epath
 
 from mote_jax import hf_interop
-from mote_jax.data import PairBatches, PairTask
+from mote_jax.data import PairBatches, PairTask, register_query_pair_tasks
 from mote_jax.data.online import RecordBatches, RecordPairTask
+from mote_jax.data.tasks import QUERY_DIRECTIONS
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
+from mote_jax.training import flops as peak_flops
 from mote_jax.training.checkpointing import Checkpointer
 from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
 from mote_jax.training.trainer import Trainer, TrainerConfig
@@ -49,6 +51,45 @@ class PretrainStream:
   @property
   def stream(self) -> Stream:
     return Stream(self.name, self.task.anchor_type, self.task.context_type)
+
+
+@gin.configurable
+def query_pair_task(direction: str = gin.REQUIRED, **registration) -> PairTask:
+  """One direction ('passage_to_query' | 'query_to_passage') of `data.register_query_pair_tasks(**registration)`.
+
+  For gin, where a stream needs one task: bind the registration once unscoped and `direction` per scope, e.g.
+  `p2q/query_pair_task.direction = 'passage_to_query'`. The query expert is trained by 'query_to_passage' (the
+  query is the encoded anchor); 'passage_to_query' is cotmae-qc's query-as-context.
+  """
+  if direction not in QUERY_DIRECTIONS:
+    raise ValueError(f"query_pair_task.direction={direction!r}: expected one of {tuple(QUERY_DIRECTIONS)}")
+  return register_query_pair_tasks(**registration)[QUERY_DIRECTIONS[direction]]
+
+
+@gin.configurable
+def mixed_streams(span_task: PairTask = gin.REQUIRED, query_tasks: Sequence[PairTask] = (),
+                  texts_per_step: int = gin.REQUIRED, query_pair_share: float = 0.5,
+                  eval_split: str | None = None) -> list[PretrainStream]:
+  """Splits each global batch of `texts_per_step` encoded texts (one anchor per row) between the span stream and
+  the query streams: round(query_pair_share * texts_per_step) rows for the query streams, in equal parts (the
+  first ones take a remainder), the rest for the span stream.
+
+  A span-stream row is one direction of a span pair, so both directions of a pair count as two texts.
+  """
+  if not 0.0 <= query_pair_share <= 1.0:
+    raise ValueError(f"mixed_streams.query_pair_share={query_pair_share}: must be in [0, 1]")
+  query_rows = round(query_pair_share * texts_per_step) if query_tasks else 0
+  if query_pair_share > 0 and not query_tasks:
+    raise ValueError(f"mixed_streams.query_pair_share={query_pair_share} but no query_tasks are bound")
+  per_task, extra = divmod(query_rows, max(len(query_tasks), 1))
+  sizes = [per_task + (k < extra) for k in range(len(query_tasks))]
+  span_rows = texts_per_step - query_rows
+  if any(size == 0 for size in sizes) or (span_rows == 0 and query_pair_share < 1.0):
+    raise ValueError(f"mixed_streams: texts_per_step={texts_per_step} with query_pair_share={query_pair_share} "
+                     f"leaves a stream without rows (spans {span_rows}, query streams {sizes}); raise "
+                     "texts_per_step or change the share")
+  streams = [PretrainStream(span_task, span_rows, eval_split)] if span_rows else []
+  return streams + [PretrainStream(task, size, eval_split) for task, size in zip(query_tasks, sizes)]
 
 
 @gin.configurable
@@ -164,6 +205,9 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     config = hf_interop.config_from_hf(checkpoint_dir, tower_mode, **(model_overrides or {}))
   else:
     config = model.replace(**(model_overrides or {}))
+  # dtype "auto": bf16 activations on TPU/GPU, fp32 on CPU. The export keeps "auto", so that whoever loads the
+  # towers gets their own platform's choice.
+  export_config, config = config, config.for_platform(partitioner.mesh.devices.flat[0].platform)
   pretrain_model = PretrainModel(config, objective)
   rng = jax.random.PRNGKey(init_seed)
   boxed = jax.eval_shape(pretrain_model.init, rng)
@@ -201,6 +245,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
       batches.close()
 
   flops = model_flops_per_step(config, objective, streams)
+  trainer = dataclasses.replace(trainer, peak_flops_per_device=peak_flops.resolve_peak_flops(
+      trainer.peak_flops_per_device, partitioner.mesh.devices.flat[0].device_kind, config.dtype))
   routes = [config.route(t) for s in stream_defs for t in (s.anchor_type, s.context_type)]
   loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed), flops,
                  eval_loss_fn=eval_loss_fn if eval_specs else None, routed=routed_slices(boxed, routes))
@@ -222,6 +268,6 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     checkpointer.close()
   if export_hf and int(jax.device_get(state.step)) >= trainer.num_steps:
     tokenizer = checkpoint_dir
-    hf_interop.to_hf_anywhere(config, state.params["encoder"], run_dir / "hf", tokenizer=tokenizer,
+    hf_interop.to_hf_anywhere(export_config, state.params["encoder"], run_dir / "hf", tokenizer=tokenizer,
                               max_seq_length=trained_lengths(streams), overwrite=True)
   return state

@@ -13,6 +13,16 @@ EXPERTS: tuple[str, ...] = ("query", "passage")
 POOLINGS = ("cls", "mean")
 TOWER_MODES = ("siamese", "separated", "mote")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Compute dtype of `dtype="auto"` per JAX platform: bfloat16 where matmul units run it natively (TPU MXUs, GPU
+# tensor cores), float32 elsewhere (XLA:CPU computes bfloat16 matmuls slower than float32 ones).
+AUTO_DTYPE_BY_PLATFORM = {"tpu": "bfloat16", "gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16"}
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """`dtype` itself, or for "auto" the compute dtype of `platform` (a `jax.Device.platform`: cpu, tpu, gpu)."""
+  if dtype != "auto":
+    return dtype
+  return AUTO_DTYPE_BY_PLATFORM.get(platform.lower(), "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +31,9 @@ class MoteConfig:
 
   The architecture fields mirror HF `BertConfig` so that BERT checkpoints load exactly.
   `dtype` is the compute dtype and `param_dtype` the storage dtype of parameters; both are
-  given as strings ("float32", "bfloat16") so the config stays hashable and gin-friendly.
+  given as strings ("float32", "bfloat16") so the config stays hashable and gin-friendly. `dtype="auto"` means
+  bfloat16 activations on TPU / GPU and float32 on CPU (`resolve_dtype`); jobs resolve it on their mesh's
+  platform at start (`for_platform`), and an unresolved "auto" follows JAX's default backend.
   """
 
   vocab_size: int = 30522
@@ -57,9 +69,9 @@ class MoteConfig:
       raise ValueError(f"MoteConfig.tower_mode={self.tower_mode!r}: expected one of {TOWER_MODES}")
     if self.pooling not in POOLINGS:
       raise ValueError(f"MoteConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"MoteConfig.{name}={getattr(self, name)!r}: expected one of {tuple(_DTYPES)}")
+    for name, allowed in (("dtype", (*_DTYPES, "auto")), ("param_dtype", tuple(_DTYPES))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"MoteConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
     for name in ("query_max_seq_length", "passage_max_seq_length"):
       value = getattr(self, name)
       if value is not None and not 2 < value <= self.max_position_embeddings:
@@ -75,7 +87,14 @@ class MoteConfig:
 
   @property
   def compute_dtype(self):
+    if self.dtype == "auto":
+      import jax
+      return _DTYPES[resolve_dtype("auto", jax.default_backend())]
     return _DTYPES[self.dtype]
+
+  def for_platform(self, platform: str) -> "MoteConfig":
+    """This config with `dtype="auto"` replaced by the compute dtype of `platform` ("cpu", "tpu", "gpu")."""
+    return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, platform))
 
   @property
   def storage_dtype(self):

@@ -63,7 +63,9 @@ class TrainerConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
   max_consecutive_nonfinite: int = 10
-  peak_flops_per_device: float = 0.0  # for model FLOPs utilisation; 0 = not reported
+  # Peak FLOP/s of one device for model FLOPs utilisation: None looks it up from the device kind and compute
+  # dtype (training/flops.py; the job resolves it), 0 = not reported.
+  peak_flops_per_device: float | None = None
   seed: int = 0
   progress_bar: bool = True
 
