@@ -121,12 +121,17 @@ def test_figures_open_and_have_labelled_axes(tmp_path):
   assert len(figs["sim.png"].axes[0].get_lines()) == 4  # query-query, passage-passage, query-passage, positives
 
 
-def _small_beir(root, data_dir, n_docs=160):
-  """A BEIR dir from the first SciFact documents, with the train and test queries judged on them."""
+def _small_beir(root, data_dir, n_test_queries=40, n_other_docs=80):
+  """A BEIR dir of the documents judged for the first SciFact test queries plus the first other documents,
+  with the train and test judgements on them."""
   src = data_dir / "scifact"
   root.mkdir()
   (root / "qrels").mkdir()
-  docs = src.joinpath("corpus.jsonl").read_text().splitlines()[:n_docs]
+  test_rows = src.joinpath("qrels", "test.tsv").read_text().splitlines()[1:]
+  first = list(dict.fromkeys(line.split("\t")[0] for line in test_rows))[:n_test_queries]
+  wanted = {line.split("\t")[1].strip() for line in test_rows if line.split("\t")[0] in first}
+  docs = [line for i, line in enumerate(src.joinpath("corpus.jsonl").read_text().splitlines())
+          if i < n_other_docs or json.loads(line)["_id"] in wanted]
   (root / "corpus.jsonl").write_text("\n".join(docs) + "\n")
   doc_ids = {json.loads(line)["_id"] for line in docs}
   keep = set()
@@ -172,6 +177,7 @@ def test_gin_files_parse():
     assert set(datasets) in ({"scifact"}, {"msmarco"})
 
 
+@pytest.mark.slow  # 4 cells of fine-tuning + evaluation: minutes on a shared 2-core machine
 def test_ablation_end_to_end_tiny(tmp_path, data_dir, random_bert_dir, minilm_path):
   from mote_jax.data.finetune import SamplingConfig
   from mote_jax.jobs import finetune as finetune_lib
@@ -198,7 +204,7 @@ def test_ablation_end_to_end_tiny(tmp_path, data_dir, random_bert_dir, minilm_pa
   spec = {"tiny": {"train": str(beir_dir), "evaluate": {"test": [str(beir_dir), "test"]}}}
   kwargs = dict(datasets=spec, modes=["siamese", "mote"], seeds=[0, 1], checkpoint=str(model), pretrain=False,
                 encode_options=EncodeOptions(max_length=32, batch_size=64), finetune_trainer=trainer,
-                n_resamples=999, finetune_fn=counted)
+                n_resamples=999, finetune_fn=counted, measure="R@50", measures=["R@50", "nDCG@10"])
   run_dir = tmp_path / "run"
   result = ablation_lib.ablation(str(run_dir), **kwargs)
   assert len(calls) == 4
@@ -209,32 +215,51 @@ def test_ablation_end_to_end_tiny(tmp_path, data_dir, random_bert_dir, minilm_pa
   cells = {(m, s): json.loads((run_dir / "tiny" / m / f"seed{s}" / "cell.json").read_text())
            for m in ("siamese", "mote") for s in (0, 1)}
   assert cells[("mote", 1)]["tower_mode"] == "mote" and cells[("siamese", 0)]["tower_mode"] == "siamese"
-  per = {m: {q: np.mean([cells[(m, s)]["targets"]["test"]["per_query"]["nDCG@10"][q] for s in (0, 1)])
-             for q in cells[(m, 0)]["targets"]["test"]["per_query"]["nDCG@10"]} for m in ("siamese", "mote")}
+  per = {m: {q: np.mean([cells[(m, s)]["targets"]["test"]["per_query"]["R@50"][q] for s in (0, 1)])
+             for q in cells[(m, 0)]["targets"]["test"]["per_query"]["R@50"]} for m in ("siamese", "mote")}
   ids = sorted(per["siamese"])
   a, b = np.array([per["siamese"][q] for q in ids]), np.array([per["mote"][q] for q in ids])
   test = report["tests"]["tiny/test/mote"]
-  if np.any(b != a):
-    assert test["p_ttest"] == pytest.approx(stats.ttest_rel(b, a).pvalue, rel=1e-9)
-    ref = stats.permutation_test((b, a), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
-                                 permutation_type="samples", n_resamples=999, rng=np.random.default_rng(0))
-    assert test["p_permutation"] == pytest.approx(ref.pvalue)
+  assert len(ids) >= 30 and np.any(b != a)
+  assert test["p_ttest"] == pytest.approx(stats.ttest_rel(b, a).pvalue, rel=1e-9)
+  ref = stats.permutation_test((b, a), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
+                               permutation_type="samples", n_resamples=999, rng=np.random.default_rng(0))
+  assert test["p_permutation"] == pytest.approx(ref.pvalue)
   assert test["p_ttest_holm"] == pytest.approx(test["p_ttest"])  # a family of one comparison
   # mean +- std over seeds from the cells' metrics
-  values = [cells[("mote", s)]["targets"]["test"]["metrics"]["nDCG@10"] for s in (0, 1)]
-  row = report["table"]["tiny"]["test"]["mote"]["nDCG@10"]
+  values = [cells[("mote", s)]["targets"]["test"]["metrics"]["R@50"] for s in (0, 1)]
+  row = report["table"]["tiny"]["test"]["mote"]["R@50"]
   assert row["mean"] == pytest.approx(np.mean(values)) and row["std"] == pytest.approx(np.std(values, ddof=1))
   # the seeds differ (data order, dropout), so the two cells are not copies
-  assert cells[("mote", 0)]["targets"]["test"]["per_query"] != cells[("mote", 1)]["targets"]["test"]["per_query"]
+  assert cells[("mote", 0)]["targets"]["test"]["analysis"]["alignment"] != pytest.approx(
+      cells[("mote", 1)]["targets"]["test"]["analysis"]["alignment"], rel=1e-6)
 
   markdown = (run_dir / "ablation.md").read_text()
   pngs = sorted(p.name for p in (run_dir / "ablation_figures").glob("*.png"))
   assert pngs == ["tiny_alignment_uniformity.png", "tiny_similarities.png", "tiny_test_differences.png"]
   for name in pngs:
     assert f"(ablation_figures/{name})" in markdown
-  assert "| mote |" in markdown and "| siamese |" in markdown
+  assert "| mote |" in markdown and "ΔR@50 vs siamese" in markdown and "| siamese |" in markdown
 
   # A re-run reuses every finished cell.
   calls.clear()
   ablation_lib.ablation(str(run_dir), **kwargs)
   assert calls == []
+
+
+def test_quickstart_report_embeds_its_figures(tmp_path):
+  from types import SimpleNamespace
+  from mote_jax.jobs import quickstart
+  queries = [f"q{i}" for i in range(10)]
+  qrels = {q: {f"d-{q}": 1} for q in queries}
+  for mode, shift in (("siamese", 0), ("mote", 1)):
+    (tmp_path / mode / "finetune" / "eval").mkdir(parents=True)
+    _write_run_and_qrels(tmp_path / mode / "finetune" / "eval" / "run-test-exact.trec",
+                         {q: 3 + i % 4 - shift for i, q in enumerate(queries)})
+  markdown = quickstart._figures(tmp_path, SimpleNamespace(qrels=qrels),
+                                 {"mote": _analysis(0, 0.3), "siamese": _analysis(1, 1.0)}, "exact")
+  from PIL import Image
+  for name in ("similarities.png", "alignment_uniformity.png", "differences.png"):
+    assert f"(quickstart_figures/{name})" in markdown
+    with Image.open(tmp_path / "quickstart_figures" / name) as image:
+      assert image.format == "PNG"
