@@ -30,6 +30,10 @@ INSTALL_REQUIRES = [
     "array-record>=0.8",
     "blingfire>=0.1.8",
     "sentencepiece==0.2.1",
+    # The ablation report: paired tests (scipy, already required by jax) and PNG figures (matplotlib, Agg
+    # rendering through matplotlib.figure.Figure, no GUI backend).
+    "scipy>=1.15",
+    "matplotlib>=3.8",
 ]
 
 EXTRAS_REQUIRE = {

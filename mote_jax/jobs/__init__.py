@@ -13,7 +13,7 @@ from etils import epath
 
 from mote_jax import data
 from mote_jax.data.finetune import SamplingConfig
-from mote_jax.jobs import finetune, generate_queries, import_hf, preprocess, pretrain, quickstart  # noqa: F401  (registers their configurables)
+from mote_jax.jobs import ablation, finetune, generate_queries, import_hf, preprocess, pretrain, quickstart  # noqa: F401,E501  (registers their configurables)
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig
 from mote_jax.objectives.contrastive import ContrastiveConfig

@@ -21,6 +21,7 @@ import gin
 import jax
 import numpy as np
 
+from mote_jax.analysis import plots
 from mote_jax.analysis.embedding_space import analyse
 from mote_jax.data.finetune import bm25_run
 from mote_jax.jobs import finetune as finetune_lib
@@ -86,6 +87,7 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
     table += "\n\nScaNN recall@10 against exact search: " + ", ".join(
         f"{name} {value:.4f}" for name, value in recalls.items() if value is not None)
   if jax.process_index() == 0:
+    table += "\n\n" + _figures(root, test, analyses, method)
     (root / "quickstart.md").write_text(table + "\n")
     (root / "quickstart.json").write_text(json.dumps(
         {"rows": rows, "published": PUBLISHED, "analysis": analyses, "seconds": timings, "method": method,
@@ -94,6 +96,30 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
   log.info("quickstart finished in %.1f min (%s)", (time.perf_counter() - start) / 60,
            ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
   return rows
+
+
+def _figures(root: Path, test: beir.BeirDataset, analyses: dict, method: str, baseline: str = "siamese") -> str:
+  """PNGs in MODEL_DIR/quickstart_figures (similarity distributions, alignment / uniformity, per-query nDCG@10
+  differences against `baseline` when it ran); returns the markdown that embeds them."""
+  if not analyses:
+    return ""
+  out, lines = root / "quickstart_figures", []
+  single = {mode: [a] for mode, a in analyses.items()}
+  plots.save_png(plots.similarity_figure(single, title="SciFact test"), out / "similarities.png")
+  plots.save_png(plots.alignment_uniformity_figure(single), out / "alignment_uniformity.png")
+  lines += ["![similarity distributions](quickstart_figures/similarities.png)", "",
+            "![alignment and uniformity](quickstart_figures/alignment_uniformity.png)"]
+  if baseline in analyses and len(analyses) > 1:
+    per_query = {}
+    for mode in analyses:
+      run = metrics.read_run(root / mode / "finetune" / "eval" / f"run-test-{method}.trec")
+      per_query[mode] = {q: v["nDCG@10"] for q, v in metrics.per_query_metrics(test.qrels, run, ["nDCG@10"]).items()}
+    diffs = {m: np.array([per_query[m][q] - per_query[baseline][q] for q in sorted(per_query[baseline])])
+             for m in analyses if m != baseline}
+    plots.save_png(plots.differences_figure(diffs, measure="nDCG@10", baseline=baseline, title="SciFact test"),
+                   out / "differences.png")
+    lines += ["", "![per-query nDCG@10 differences](quickstart_figures/differences.png)"]
+  return "\n".join(lines)
 
 
 def _table(rows: dict, analyses: dict) -> str:
