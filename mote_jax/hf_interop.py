@@ -403,7 +403,9 @@ def to_hf(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike, tokeni
       if tok is not None:
         tok.save_pretrained(str(tower_dir))
       _write_sentence_transformers_files(tower_dir, config, max_seq_length)
-    (staging / "mote_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    # The kernel set is a property of the platform that runs the model, not of the model: not recorded.
+    record = {k: v for k, v in dataclasses.asdict(config).items() if k != "kernels"}
+    (staging / "mote_config.json").write_text(json.dumps(record, indent=2) + "\n")
     if out_dir.exists():
       trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
       os.replace(out_dir, trash / "old")

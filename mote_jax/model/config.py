@@ -7,6 +7,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from mote_jax.kernels import KernelConfig, resolve
+
 TowerMode = Literal["siamese", "separated", "mote"]
 Expert = Literal["query", "passage"]
 EXPERTS: tuple[str, ...] = ("query", "passage")
@@ -22,6 +24,8 @@ class MoteConfig:
   The architecture fields mirror HF `BertConfig` so that BERT checkpoints load exactly.
   `dtype` is the compute dtype and `param_dtype` the storage dtype of parameters; both are
   given as strings ("float32", "bfloat16") so the config stays hashable and gin-friendly.
+  `kernels` picks the implementations of the dense products, dropout bits and attention (`mote_jax.kernels`);
+  None (the default) means the default set of the platform the model is traced on.
   """
 
   vocab_size: int = 30522
@@ -45,8 +49,11 @@ class MoteConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: bool = False
+  kernels: KernelConfig | None = None
 
   def __post_init__(self):
+    if isinstance(self.kernels, dict):  # from a JSON record
+      object.__setattr__(self, "kernels", KernelConfig(**self.kernels))
     if self.tower_mode not in TOWER_MODES:
       raise ValueError(f"MoteConfig.tower_mode={self.tower_mode!r}: expected one of {TOWER_MODES}")
     if self.pooling not in POOLINGS:
@@ -61,6 +68,11 @@ class MoteConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def kernel_set(self) -> KernelConfig:
+    """`kernels`, or the default set of JAX's default backend."""
+    return resolve(self.kernels)
 
   @property
   def compute_dtype(self):
