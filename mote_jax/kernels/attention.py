@@ -46,19 +46,25 @@ def dot_product_attention(q, k, v, mask_bias, *, dtype):
   return t(out).astype(dtype)
 
 
-def pallas_flash_attention(q, k, v, mask_bias, *, dtype):
+def pallas_flash_attention(q, k, v, mask_bias, *, dtype, block: int = 128):
   """The Pallas TPU flash-attention kernel; padding through segment ids (every query in segment 1, padded keys
-  in segment 0). Block sizes: 128 (or the whole length when shorter)."""
+  in segment 0). The kernel's segment masks work on whole 128-lane key blocks, so the length is padded up to a
+  multiple of `block` (padded keys masked, padded query rows cut off)."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
-  b, n, length, d = q.shape
-  block = min(128, length)
+  b, _, length, d = q.shape
+  padded = -(-length // block) * block
+  valid = _key_valid(mask_bias).astype(jnp.int32)  # [B, L]
+  if padded != length:
+    widths = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    valid = jnp.pad(valid, ((0, 0), (0, padded - length)))
   sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
                         block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
                         block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
-  segments = fa.SegmentIds(q=jnp.ones((b, length), jnp.int32), kv=_key_valid(mask_bias).astype(jnp.int32))
+  segments = fa.SegmentIds(q=jnp.ones((b, padded), jnp.int32), kv=valid)
   out = fa.flash_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), segment_ids=segments,
                            sm_scale=d ** -0.5, block_sizes=sizes)
-  return out.astype(dtype)
+  return out[:, :, :length].astype(dtype)
 
 
 def attention(q, k, v, mask_bias, *, impl: str, dtype, probs_dropout: Callable | None = None,
@@ -68,14 +74,15 @@ def attention(q, k, v, mask_bias, *, impl: str, dtype, probs_dropout: Callable |
   `probs_dropout(probs) -> probs` drops attention probabilities in training (einsum only). The fused kernels
   have no probability dropout: with `dropout_rate > 0` in training they leave it out (a warning, once).
   """
-  if impl == "einsum":
-    return einsum_attention(q, k, v, mask_bias, dtype=dtype, probs_dropout=probs_dropout,
-                            deterministic=deterministic)
-  if impl not in ("dot_product", "pallas_flash"):
+  if impl not in ("einsum", "dot_product", "pallas_flash"):
     raise ValueError(f"KernelConfig.attention={impl!r}: expected 'einsum', 'dot_product' or 'pallas_flash'")
-  if not deterministic and dropout_rate > 0 and impl not in _warned:
-    _warned.add(impl)
-    log.warning("attention %r has no dropout on attention probabilities: attention_dropout=%g is not applied "
-                "(hidden-state dropout is)", impl, dropout_rate)
-  fn = dot_product_attention if impl == "dot_product" else pallas_flash_attention
-  return fn(q, k, v, mask_bias, dtype=dtype)
+  with jax.named_scope(f"kernel_attention_{impl}"):  # names the kernel in lowered HLO (tests read it)
+    if impl == "einsum":
+      return einsum_attention(q, k, v, mask_bias, dtype=dtype, probs_dropout=probs_dropout,
+                              deterministic=deterministic)
+    if not deterministic and dropout_rate > 0 and impl not in _warned:
+      _warned.add(impl)
+      log.warning("attention %r has no dropout on attention probabilities: attention_dropout=%g is not applied "
+                  "(hidden-state dropout is)", impl, dropout_rate)
+    fn = dot_product_attention if impl == "dot_product" else pallas_flash_attention
+    return fn(q, k, v, mask_bias, dtype=dtype)

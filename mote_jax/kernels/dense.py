@@ -44,8 +44,7 @@ linear_cpu_gemm.defvjp(_fwd, _bwd)
 
 def linear(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
   """x [..., K] @ kernel [K, *O] -> [..., *O] (no bias); `impl` is `KernelConfig.dense`."""
-  if impl == "xla":
-    return _product(x, kernel)
-  if impl == "cpu_gemm":
-    return linear_cpu_gemm(x, kernel)
-  raise ValueError(f"KernelConfig.dense={impl!r}: expected 'xla' or 'cpu_gemm'")
+  if impl not in ("xla", "cpu_gemm"):
+    raise ValueError(f"KernelConfig.dense={impl!r}: expected 'xla' or 'cpu_gemm'")
+  with jax.named_scope(f"kernel_dense_{impl}"):  # names the kernel in lowered HLO (tests read it)
+    return _product(x, kernel) if impl == "xla" else linear_cpu_gemm(x, kernel)

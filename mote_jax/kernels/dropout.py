@@ -56,12 +56,13 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], impl: str = "
   `jax_default_prng_impl`). 'hashed': `hashed_bits` keyed by two 32-bit seeds drawn from `rng`; the probability
   is `rate` rounded to 2^-32 and the mask depends on the global shape only, so not on the mesh.
   """
-  if impl == "jax_random":
-    return jax.random.bernoulli(rng, 1.0 - rate, shape)
-  if impl == "hashed":
+  if impl not in ("jax_random", "hashed"):
+    raise ValueError(f"KernelConfig.dropout={impl!r}: expected 'jax_random' or 'hashed'")
+  with jax.named_scope(f"kernel_dropout_{impl}"):  # names the kernel in lowered HLO (tests read it)
+    if impl == "jax_random":
+      return jax.random.bernoulli(rng, 1.0 - rate, shape)
     seeds = jax.random.bits(rng, (2,), jnp.uint32)
     return hashed_bits(seeds, shape) >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
-  raise ValueError(f"KernelConfig.dropout={impl!r}: expected 'jax_random' or 'hashed'")
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array, impl: str = "jax_random") -> jax.Array:

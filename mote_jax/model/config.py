@@ -14,6 +14,7 @@ Expert = Literal["query", "passage"]
 EXPERTS: tuple[str, ...] = ("query", "passage")
 POOLINGS = ("cls", "mean")
 TOWER_MODES = ("siamese", "separated", "mote")
+VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this inside the model (`padded_vocab_size`)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -68,6 +69,14 @@ class MoteConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """`vocab_size` rounded up to a multiple of `VOCAB_MULTIPLE`: the rows of the word embeddings and the columns
+    of the MLM logits inside the model, so that a 'model' mesh axis divides the vocabulary (an indivisible one
+    replicates it). The padding rows stay zero and never leave the model (HF import pads, export cuts them);
+    the MLM logits over them are masked to the float32 minimum."""
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
   @property
   def kernel_set(self) -> KernelConfig:

@@ -82,7 +82,8 @@ class Embeddings(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=cfg.compute_dtype,
                               param_dtype=cfg.storage_dtype)
-    self.word_embeddings = embed(cfg.vocab_size, embedding_init=_partitioned(init, ("vocab", "embed")))
+    # Padded rows (`padded_vocab_size`): no input id reaches them, so they get no gradient.
+    self.word_embeddings = embed(cfg.padded_vocab_size, embedding_init=_partitioned(init, ("vocab", "embed")))
     self.position_embeddings = embed(cfg.max_position_embeddings,
                                      embedding_init=_partitioned(init, (None, "embed")))
     self.token_type_embeddings = embed(cfg.type_vocab_size, embedding_init=_partitioned(init, (None, "embed")))
@@ -102,7 +103,7 @@ class Embeddings(nn.Module):
     return self.dropout(self.layer_norm(x), deterministic=deterministic)
 
   def word_embedding_matrix(self):
-    """[V, H] word embeddings, for the tied MLM decoder."""
+    """[V', H] word embeddings (V' = padded_vocab_size), for the tied MLM decoder."""
     return self.word_embeddings.embedding
 
 
@@ -229,7 +230,8 @@ class MLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, word_embeddings):
-    """hidden: [..., H], word_embeddings: [V, H] (the tied decoder) -> logits [..., V] (float32).
+    """hidden: [..., H], word_embeddings: [V', H] (the tied decoder, V' = padded_vocab_size) -> logits [..., V']
+    (float32; the V' - V padding columns masked to the float32 minimum).
 
     Logits are accumulated and returned in float32 whatever the compute dtype: the softmax over the
     vocabulary is where bfloat16 rounding would hurt the loss.
@@ -241,7 +243,12 @@ class MLMHead(nn.Module):
                  kernel_init=_partitioned(init, ("embed", "mlp")),
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="transform")(hidden)
     x = LayerNorm(cfg, name="transform_layer_norm")(jax.nn.gelu(x, approximate=False))
-    bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+    bias = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,),
                       cfg.storage_dtype)
     logits = jnp.dot(x, word_embeddings.astype(cfg.compute_dtype).T, preferred_element_type=jnp.float32)
-    return logits + bias.astype(jnp.float32)
+    logits = logits + bias.astype(jnp.float32)  # [..., padded V]
+    if cfg.padded_vocab_size == cfg.vocab_size:
+      return logits
+    # The padding columns are masked (a finite minimum, so 0 * logit stays 0): no probability, no gradient.
+    real = jax.lax.broadcasted_iota(jnp.int32, (cfg.padded_vocab_size,), 0) < cfg.vocab_size
+    return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
