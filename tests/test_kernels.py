@@ -143,3 +143,36 @@ def test_train_step_lowered_per_platform_carries_its_kernel_set(tiny_step_parts,
   assert f"kernel_attention_{kernel_set.attention}" in text and "kernel_attention_einsum" not in text
   if platform == "tpu":
     assert "tpu_custom_call" in text
+
+
+def _mote_imports(path):
+  import ast
+  tree = ast.parse(path.read_text())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+    elif isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+  return {n for n in names if n.startswith("mote_jax")}
+
+
+@pytest.mark.parametrize("package, allowed", [
+    ("kernels", ("mote_jax.kernels",)),
+    ("model", ("mote_jax.kernels", "mote_jax.model")),
+    ("training", ("mote_jax.kernels", "mote_jax.partitioning", "mote_jax.training")),
+])
+def test_no_imports_from_a_lower_layer_up(package, allowed):
+  """kernels < model; kernels, partitioning < training: none of them imports a layer above it (objectives, data,
+  jobs, ...). The optimizer knows nothing of routing, and layers.py stays a file of BERT modules."""
+  from pathlib import Path
+
+  import mote_jax
+  root = Path(mote_jax.__file__).parent
+  for path in sorted((root / package).glob("*.py")):
+    wrong = {name for name in _mote_imports(path) if not name.startswith(allowed)}
+    assert not wrong, f"{path.relative_to(root)} imports {sorted(wrong)}"
+  optimizer = (root / "training" / "optimizer.py").read_text()
+  assert not any("routing" in name for name in _mote_imports(root / "training" / "optimizer.py"))
+  assert "expert" not in optimizer.lower() and "Routed" not in optimizer
+  assert len((root / "model" / "layers.py").read_text().splitlines()) <= 300

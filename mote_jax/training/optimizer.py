@@ -1,6 +1,6 @@
 """AdamW as BERT pre-training uses it: linear warm-up and decay, no decay on biases and LayerNorm, clipping.
 
-The optimizer is generic: which experts a step reaches (MoTE routing) is `training/routing.py`'s business, which
+The optimizer is generic: what a step's texts reach (MoTE routing) is `training/routing.py`'s business, which
 wraps this optimizer. The gradient clip's implementation is `KernelConfig.grad_clip` (`mote_jax.kernels`).
 """
 
