@@ -198,11 +198,16 @@ def test_cotmae_gradients_match_torch(parity_setup, masked_only):
     expert = model.config.route("query")[1]
     enc = grads["encoder"]["tower"]["encoder"]
     bert = torch_model.bert.encoder.layer
-    pairs = {"word embeddings": (grads["encoder"]["tower"]["embeddings"]["word_embeddings"]["embedding"],
-                                 torch_model.bert.embeddings.word_embeddings.weight),
+    v = model.config.vocab_size
+    word = grads["encoder"]["tower"]["embeddings"]["word_embeddings"]["embedding"]
+    mlm_bias = grads["encoder"]["tower"]["mlm_head"]["bias"]
+    # The vocabulary padding rows (`padded_vocab_size`) get no gradient at all.
+    assert word.shape[0] == mlm_bias.shape[0] == model.config.padded_vocab_size > v
+    assert not np.asarray(word[v:]).any() and not np.asarray(mlm_bias[v:]).any()
+    pairs = {"word embeddings": (word[:v], torch_model.bert.embeddings.word_embeddings.weight),
              "mlm transform": (grads["encoder"]["tower"]["mlm_head"]["transform"]["kernel"].T,
                                torch_model.cls.predictions.transform.dense.weight),
-             "mlm bias": (grads["encoder"]["tower"]["mlm_head"]["bias"], torch_model.cls.predictions.bias),
+             "mlm bias": (mlm_bias[:v], torch_model.cls.predictions.bias),
              # the position rows broadcast over the batch; rows past the sequence length get none
              "position embeddings": (grads["encoder"]["tower"]["embeddings"]["position_embeddings"]["embedding"],
                                      torch_model.bert.embeddings.position_embeddings.weight)}
