@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -12,7 +11,6 @@ import statistics
 import subprocess
 import sys
 import time
-import unittest.mock
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -192,13 +190,3 @@ def run_module(module: str, out_json: Path, *, quick: bool, options: dict | None
     log(tail)
     return {"error": f"exit status {proc.returncode}: {tail[-2000:]}", "seconds": round(time.time() - started, 1)}
   return json.loads(out_json.read_text())
-
-
-@contextlib.contextmanager
-def patched(replacements: Mapping[tuple[object, str], object]):
-  """While active, each `(owner, attribute)` is replaced by its value (e.g. a module's function, for the code
-  traced inside: jitted functions keep what they traced with)."""
-  with contextlib.ExitStack() as stack:
-    for (owner, name), value in replacements.items():
-      stack.enter_context(unittest.mock.patch.object(owner, name, value))
-    yield

@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_hardness [--noises 1.0,0.5] [--samples 3] [--json OUT]
 
-Section 4 searches 1M x 384 vectors from `mote_jax.retrieval.benchmark.clustered_vectors` (10,000 clusters,
+Section 4 searches 1M x 384 vectors from `benchmarks.scann_recall.clustered_vectors` (10,000 clusters,
 noise 1.0, decay 0.4). No real 1M-row embedding set is available offline, so this compares the two at the size
 of the real one: all-MiniLM-L6-v2 embeddings of SciFact (5,183 passages, 256 tokens, its 300 test queries, as
 `mote_jax` encodes them) against a random 5,183-row sample of section 4's corpus with 300 of its queries.
@@ -98,7 +98,7 @@ def scifact_embeddings(max_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv=None) -> None:
-  from mote_jax.retrieval import benchmark as rb
+  from benchmarks import scann_recall as rb
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--noises", default="1.0", help="comma-separated `noise` values of the synthetic data")
   parser.add_argument("--samples", type=int, default=3, help="k-means seeds (and synthetic row samples) per set")

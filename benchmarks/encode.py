@@ -34,10 +34,7 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
   from sentence_transformers import SentenceTransformer
 
   from benchmarks import data
-  from benchmarks.common import patched
-  from benchmarks.variants import sequence_major_attention_class
   from mote_jax.hf_interop import from_hf
-  from mote_jax.model import layers
   from mote_jax.partitioning import MeshConfig, Partitioner
   from mote_jax.retrieval.encode import EncodeOptions, Embedder, encode_texts
 
@@ -57,11 +54,10 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
   st.max_seq_length = 256
   outputs = {}
 
-  def jax_fn(name, batch_size, replacements=None):
+  def jax_fn(name, batch_size):
     opts = EncodeOptions(batch_size=batch_size, max_length=256, progress=False)
     def fn():
-      with patched(replacements or {}):  # only the first (tracing) call needs it
-        outputs[name] = encode_texts(embedders[name.split("@")[0]], tok, texts, "passage", opts)
+      outputs[name] = encode_texts(embedders[name.split("@")[0]], tok, texts, "passage", opts)
     return fn
 
   def st_fn(name, batch_size):
@@ -74,11 +70,11 @@ def run(quick: bool = False, num_passages: int | None = None, variants: bool = T
   if variants and not quick:
     fns["st/bs64"] = st_fn("st/bs64", 64)
     fns["jax/bf16"] = jax_fn("jax/bf16", options.batch_size)
-    # The attention layout before the head-major change (benchmarks/variants.py), for the record.
-    embedders["jax/fp32 sequence-major attention"] = Embedder(config, params, partitioner)
-    fns["jax/fp32 sequence-major attention"] = jax_fn(
-        "jax/fp32 sequence-major attention", options.batch_size,
-        {(layers, "SelfAttention"): sequence_major_attention_class()})
+    # The fused attention of the accelerators' kernel sets, through XLA here.
+    name = "jax/fp32 dot_product attention"
+    dpa = config.kernel_set.replace(attention="dot_product")
+    embedders[name] = Embedder(config.replace(kernels=dpa), params, partitioner)
+    fns[name] = jax_fn(name, options.batch_size)
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
   reference = outputs["st/bs32"]
   rows = {}

@@ -48,8 +48,13 @@ def measured_matmul_tflops(device, n: int, repeats: int = 5) -> float:
 
 
 def run(quick: bool = False, platform: str = "gpu", shapes: list | None = None, batch_size: int | None = None,
-        length: int | None = None, peak_tflops: float | None = None, matmul_n: int | None = None) -> dict:
-  """Times each shape's step in bf16 and fp32 on the first `platform` device; {"skipped": why} without one."""
+        length: int | None = None, peak_tflops: float | None = None, matmul_n: int | None = None,
+        attentions: list | None = None) -> dict:
+  """Times each shape's step in bf16 and fp32 on the first `platform` device; {"skipped": why} without one.
+
+  The steps use the platform's kernel set (`KernelConfig.for_platform`); `attentions` (e.g. ["einsum",
+  "dot_product"]) adds a bf16 row per attention implementation ("bfloat16 einsum attention", ...), with
+  attention dropout 0 in those rows (the fused kernels have none)."""
   try:
     devices = jax.devices(platform)
   except RuntimeError as error:  # no backend for the platform (a CPU-only jaxlib has no "gpu")
@@ -83,9 +88,15 @@ def run(quick: bool = False, platform: str = "gpu", shapes: list | None = None, 
     decoder = jax_step.decoder_params(built)
     objective = jax_step.production_objective(length)
     steps, rows = {}, {}
-    for dtype in DTYPES:
+    from mote_jax.kernels import resolve
+    kernel_set = resolve(None, device.platform)
+    variants = {dtype: (kernel_set, {"dtype": dtype}) for dtype in DTYPES}
+    for attention in attentions or ():
+      variants[f"bfloat16 {attention} attention"] = (kernel_set.replace(attention=attention),
+                                                     {"dtype": "bfloat16", "attention_dropout": 0.0})
+    for dtype, (kernels, overrides) in variants.items():
       step = jax_step.JaxStep(built, decoder, objective=objective, batch_size=batch_size, length=length,
-                              model_overrides={"dtype": dtype})
+                              model_overrides=overrides, kernels=kernels)
       start = time.perf_counter()
       loss = step(batch)
       rows[dtype] = {"first_step_s": round(time.perf_counter() - start, 2), "first_loss": loss,

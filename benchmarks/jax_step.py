@@ -2,9 +2,10 @@
 
 `build_shape(name)` returns an HF `BertForMaskedLM` (MiniLM-L6: all-MiniLM-L6-v2's weights, MLM head fresh;
 bert-base: random init) saved to a temporary directory, so that `from_hf` reads the very same weights into JAX.
-`JaxStep` is `Trainer.compile_step`'s function around `PretrainModel.multi_stream_loss_fn`, built exactly as
-`mote_jax.jobs.pretrain.pretrain` builds it (one stream of passage/passage span pairs, AdamW, expert freezing,
-non-finite guard, donated state), on one CPU device.
+`JaxStep` is `Trainer.compile_step`'s function around `PretrainModel.multi_stream_loss_fn`, built by
+`training.builder.build_trainer` as `mote_jax.jobs.pretrain.pretrain` builds it (one stream of passage/passage
+span pairs, AdamW, static routing, non-finite guard, donated state), on one device. `kernels` selects the
+kernel set of the model and the trainer (default: the platform's).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from mote_jax.hf_interop import from_hf
 from mote_jax.jobs.pretrain import model_flops_per_step
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
-from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
-from mote_jax.training.trainer import Trainer, TrainerConfig
+from mote_jax.kernels import KernelConfig, resolve
+from mote_jax.training.builder import build_trainer
+from mote_jax.training.optimizer import OptimizerConfig
+from mote_jax.training.trainer import TrainerConfig
 
 SHAPES = ("tiny", "minilm", "bert-base")
 STREAM = Stream("spans", "passage", "passage")
@@ -84,16 +87,18 @@ def decoder_params(shape: Shape, objective: ObjectiveConfig = ObjectiveConfig(),
 class JaxStep:
   """The jitted train step of `Trainer` for a `PretrainModel`; `step(host_batch) -> loss` (blocks: one step's
   time, with no overlap of host and device work; `dispatch` does not wait). `static_routing=False` builds the
-  optimizer as before `routed_slices`: a full AdamW pass, then experts with all-zero gradients frozen."""
+  trainer with dynamic routing: a full AdamW pass, then experts with all-zero gradients frozen."""
 
   def __init__(self, shape: Shape, decoder: dict, *, tower_mode: str = "mote",
                objective: ObjectiveConfig = ObjectiveConfig(), batch_size: int = 8, length: int = 128,
                model_overrides: dict | None = None, trainer_overrides: dict | None = None,
-               static_routing: bool = True,
+               static_routing: bool = True, kernels: KernelConfig | None = None,
                optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=1000,
                                                             total_steps=100_000)):
     self.partitioner = Partitioner.create(MeshConfig(), devices=jax.devices()[:1])
-    config, encoder = from_hf(shape.directory, tower_mode=tower_mode, **(model_overrides or {}))
+    self.kernels = resolve(kernels)
+    config, encoder = from_hf(shape.directory, tower_mode=tower_mode,
+                              **{"kernels": self.kernels, **(model_overrides or {})})
     if config.scan_layers:  # the decoder's layers are stacked too
       decoder = {"layers": {"layers": jax.tree.map(lambda *x: np.stack(x), *[
           decoder["layers"][f"layer_{i}"] for i in range(len(decoder["layers"]))])}}
@@ -109,11 +114,11 @@ class JaxStep:
       return self.model.multi_stream_loss_fn(p, batch, streams, rng=rng, deterministic=deterministic)
 
     self._workdir = tempfile.mkdtemp(prefix="bench_trainer_")
-    self.trainer = Trainer(TrainerConfig(progress_bar=False, **(trainer_overrides or {})), optimizer,
-                           self.partitioner, loss_fn, self._workdir, shardings, expert_axes(boxed), self.flops,
-                           routed=routed_slices(boxed, [config.route(STREAM.anchor_type),
-                                                        config.route(STREAM.context_type)])
-                           if static_routing else None)
+    routes = [config.route(STREAM.anchor_type), config.route(STREAM.context_type)]
+    self.trainer = build_trainer(TrainerConfig(progress_bar=False, **(trainer_overrides or {})), optimizer,
+                                 self.partitioner, loss_fn, self._workdir, boxed,
+                                 routes=routes if static_routing else None, kernels=self.kernels,
+                                 flops_per_step=self.flops)
     self.state = self.trainer.init_state(params)
     self.step_fn = self.trainer.compile_step(self.state)  # the jitted step `Trainer.train` runs
     self.compiled = None  # its ahead-of-time compiled executable, once `compile` ran

@@ -2,7 +2,7 @@
 
 A `mote` call computes one expert, so the forward/backward FLOPs equal siamese's (XLA's cost analysis of both
 compiled steps is reported); what differs is the parameter/optimiser state, which is larger. AdamW runs on the
-routed expert only (`optimizer.skip_unrouted`; the variants section times the older full pass).
+routed expert only (`routing.skip_unrouted`, static routing; the variants section times the dynamic freeze).
 """
 
 from __future__ import annotations

@@ -57,8 +57,11 @@ def gemm_lines(g: dict) -> list[str]:
              f"bf16 best: {_f(g.get('peak_bf16_gflops'), 1)} GFLOP/s ({g.get('peak_bf16_source')}).", ""])
 
 
+MACHINE_NOTE = ("The JAX/PyTorch step ratios depend on the machine: they follow how fast each library's fp32 GEMM runs on that CPU. `python -m benchmarks --only pretrain` gave MiniLM 1.83x eager / 2.18x torch.compile and bert-base 1.48x eager on a Zen 4 machine where XLA and PyTorch both reached ~190 GFLOP/s fp32 GEMM (JAX at 79-80% MFU, PyTorch eager at 64%), against 2.89x / 2.44x on a Zen 5 machine where PyTorch's fp32 GEMM ran at 185 of XLA's 407 GFLOP/s. Compare the MFU columns across machines, not the ratios.")
+
+
 def pretrain_lines(p: dict) -> list[str]:
-  lines = []
+  lines = [MACHINE_NOTE, ""]
   lines += ["GEMM peak measured at the start of this section:", ""] + gemm_lines(p["gemm"])
   for shape, s in p["shapes"].items():
     lines += [f"### {shape} ({s['params_m']}M params in the HF model; batch {s['batch_size']} pairs x "
@@ -401,5 +404,7 @@ def render(results: dict, command: str) -> str:
     elif key == "gpu":
       lines += ["## 6. GPU bf16 pre-training step", "", f"Not run in this results file: {GPU_HOW}", ""]
   if ANALYSIS.exists():
-    lines += [ANALYSIS.read_text().strip(), ""]
+    lines += ["## 8. What each optimisation gains", "",
+              f"See [{ANALYSIS.name}]({ANALYSIS.name}): a table of each change, its platform, its gain and where it "
+              "was measured (written by hand; this file is regenerated).", ""]
   return "\n".join(lines)

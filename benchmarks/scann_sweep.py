@@ -39,7 +39,7 @@ def build(corpus, k, *, leaves, dpb=4, soar=1.0, spherical=False, pca=None, ast=
 
 
 def main(argv=None) -> None:
-  from mote_jax.retrieval import benchmark as rb
+  from benchmarks import scann_recall as rb
   from mote_jax.retrieval.search import recall_at_k
 
   configs = json.loads((argv or sys.argv[1:])[0])

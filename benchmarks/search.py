@@ -1,6 +1,6 @@
 """Section 4: ScaNN vs exact brute-force top-10 search on 1M x 384 clustered unit vectors.
 
-Data: `mote_jax.retrieval.benchmark.clustered_vectors` (10,000 clusters, noise 1, effective dimension ~64 like
+Data: `benchmarks.scann_recall.clustered_vectors` (10,000 clusters, noise 1, effective dimension ~64 like
 all-MiniLM-L6-v2's SciFact embeddings), queries from the same mixture. Exact contenders: NumPy matmul +
 argpartition (`benchmark.exact_topk`), faiss-cpu `IndexFlatIP`, and `mote_jax.retrieval.exact_search` (XLA).
 ScaNN: `build_scann` with the default `ScannConfig` (1,000 leaves, 159 searched, SOAR, AH, reorder 250), searched
@@ -67,7 +67,7 @@ def run(quick: bool = False, rows: int | None = None, num_queries: int | None = 
   import faiss
   import jax
 
-  from mote_jax.retrieval import benchmark as rb
+  from benchmarks import scann_recall as rb
   from mote_jax.retrieval.search import ScannConfig, build_scann, exact_search, recall_at_k, rescore_exactly
 
   rows = rows or (20_000 if quick else 1_000_000)

@@ -58,9 +58,12 @@ def _tower_tensors(cfg: MoteConfig, with_mlm_head: bool) -> list[_Tensor]:
   dense = (lambda w: w.T, lambda k: k.T)
   head_bias = (lambda b: b.reshape(n, d), lambda b: b.reshape(h))
   ident = (_identity, _identity)
+  # The model pads the vocabulary to `padded_vocab_size` (zero rows); HF tensors keep the exact vocabulary.
+  extra = cfg.padded_vocab_size - v
+  vocab = (lambda x: np.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)), lambda x: x[:v])
 
   tensors = [
-      _Tensor("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), (v, h), *ident),
+      _Tensor("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), (v, h), *vocab),
       _Tensor("embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"),
               (cfg.max_position_embeddings, h), *ident),
       _Tensor("embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"),
@@ -99,7 +102,7 @@ def _tower_tensors(cfg: MoteConfig, with_mlm_head: bool) -> list[_Tensor]:
                 (h,), *ident),
         _Tensor("cls.predictions.transform.LayerNorm.bias", ("mlm_head", "transform_layer_norm", "bias"),
                 (h,), *ident),
-        _Tensor("cls.predictions.bias", ("mlm_head", "bias"), (v,), *ident),
+        _Tensor("cls.predictions.bias", ("mlm_head", "bias"), (v,), *vocab),
     ]
   return tensors
 
@@ -456,7 +459,9 @@ def to_hf(config: MoteConfig, params: PyTree, out_dir: str | os.PathLike, tokeni
       if tok is not None:
         tok.save_pretrained(str(tower_dir))
       _write_sentence_transformers_files(tower_dir, config, expert)
-    (staging / "mote_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    # The kernel set is a property of the platform that runs the model, not of the model: not recorded.
+    record = {k: v for k, v in dataclasses.asdict(config).items() if k != "kernels"}
+    (staging / "mote_config.json").write_text(json.dumps(record, indent=2) + "\n")
     if out_dir.exists():
       trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
       os.replace(out_dir, trash / "old")

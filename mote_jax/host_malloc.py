@@ -1,29 +1,31 @@
-"""glibc malloc settings that keep XLA:CPU's per-step buffers resident; `mote_jax.launch` applies them.
+"""glibc malloc settings that keep XLA:CPU's per-step buffers resident; `mote_jax.launch` applies them on CPU-only
+hosts.
 
-XLA:CPU allocates every execution's temporaries with malloc (about 1 GB for the MiniLM-L6 pre-training step at
-B=8, L=128) and frees them when the step ends. By default glibc hands blocks that large back to the kernel (they
-are mmap'd chunks, or trimmed from the heap), so each step page-faults the whole gigabyte in again. One arena,
-no mmap'd chunks and no trimming keep those pages in the process (and transparent huge pages back the heap):
-benchmarks section 7b (benchmarks/RESULTS.md) measured 0.539 s/step and 203,107 minor faults per step with
-glibc's defaults against 0.496-0.503 s and at most 150 faults with these settings (0.694 against 0.563-0.591 s
-in an earlier run).
-PyTorch's CPU allocator faults the same way; `python -m benchmarks` runs every contender with these settings.
-The price: the process never returns freed memory to the system, and its one heap can fragment. Now and then a
-step's temporaries no longer fit in the space the previous step freed, and the heap grows by another copy of them
-(that step is slow while the new pages are faulted in). Measured (benchmarks/analysis.md, Scaling): the MiniLM
-step at B=8, L=128 (707 MB of temporaries) grew by one copy at steps 46 and 199 and then stayed at 4.1 GB to
-step 1,500; at L=512 (4.0 GB of temporaries) by one or two copies within 25 steps. Where memory is tight,
-MOTE_JAX_MALLOC_TUNING=0 trades that for page faults every step.
+XLA:CPU allocates every execution's temporaries with malloc (on the order of a gigabyte for a MiniLM-sized
+pre-training step) and frees them when the step ends. By default glibc hands blocks that large back to the kernel
+(they are mmap'd chunks, or trimmed from the heap), so each step page-faults them all in again. One arena, no
+mmap'd chunks and no trimming keep those pages in the process (and transparent huge pages back the heap).
+Measurements: benchmarks/RESULTS.md (section 7b) and benchmarks/analysis.md.
+
+The price: the process never returns freed memory to the system, and its one heap can fragment (now and then a
+step's temporaries no longer fit in the space the previous step freed, and the heap grows by another copy of
+them). Where the host has an accelerator the step's temporaries live in device memory, and a single arena would
+only serialise the allocations of the input pipeline's threads (tf.data, grain) for nothing: so the settings apply
+on CPU-only hosts only.
 
 glibc reads these variables only when a process starts, so `reexec_with_settings` restarts the interpreter with
-them (once; values already in the environment win). Set MOTE_JAX_MALLOC_TUNING=0 to opt out.
+them (once; values already in the environment win). Whether the host is CPU-only is decided before that restart,
+without importing JAX (`cpu_only_host`): `JAX_PLATFORMS` when set (CPU-only when it names only `cpu`), otherwise
+no accelerator device files (/dev/accel*, /dev/vfio/* on TPU VMs; /dev/nvidia*; /dev/kfd for ROCm) and no
+TPU/GPU environment variables. `MOTE_JAX_MALLOC_TUNING=1` forces the settings on any host, `=0` turns them off.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 SETTINGS = {
     "MALLOC_ARENA_MAX": "1",  # thread arenas are mmap'd heaps that glibc shrinks with MADV_DONTNEED
@@ -33,7 +35,12 @@ SETTINGS = {
     # ignored by older glibc or where THP is off)
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
-SWITCH = "MOTE_JAX_MALLOC_TUNING"  # "0": leave malloc alone; "applied": set by the re-executed process
+SWITCH = "MOTE_JAX_MALLOC_TUNING"  # "0": off; "1": on whatever the host; "applied": set by the re-executed process
+# Device files of accelerators: TPU VMs (/dev/accel* up to v4, /dev/vfio/* from v5), NVIDIA GPUs, AMD GPUs (ROCm).
+ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+# Environment variables that name accelerators: Cloud TPU runtimes, CUDA and ROCm device selection.
+ACCELERATOR_ENV = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
+                   "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
 
 
 def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -44,11 +51,36 @@ def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
   return env
 
 
-def wanted(env: Mapping[str, str] | None = None) -> bool:
-  """Whether a process with `env` should be re-executed with the settings (glibc Linux, not opted out, not
-  re-executed already)."""
+def cpu_only_host(env: Mapping[str, str] | None = None,
+                  device_files: Callable[[str], list[str]] = glob.glob) -> bool:
+  """Whether JAX will run on the CPU only in a process with `env` (default: this process's environment).
+
+  `JAX_PLATFORMS` decides when set (CPU-only when every platform it names is `cpu`). Otherwise the host is
+  CPU-only when it has no accelerator device files (`ACCELERATOR_DEVICES`, looked up with `device_files`) and no
+  accelerator environment variable (`ACCELERATOR_ENV`; an empty value, or "-1"/"none"/"void" for the device
+  lists, hides the devices and does not count).
+  """
   env = os.environ if env is None else env
-  return sys.platform.startswith("linux") and env.get(SWITCH, "1") not in ("0", "applied")
+  platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  if any(device_files(pattern) for pattern in ACCELERATOR_DEVICES):
+    return False
+  return not any(env.get(name, "").strip().lower() not in ("", "-1", "none", "void") for name in ACCELERATOR_ENV)
+
+
+def wanted(env: Mapping[str, str] | None = None, device_files: Callable[[str], list[str]] = glob.glob) -> bool:
+  """Whether a process with `env` should be re-executed with the settings: glibc Linux, not re-executed already,
+  and `MOTE_JAX_MALLOC_TUNING=1`, or unset on a CPU-only host (`cpu_only_host`)."""
+  env = os.environ if env is None else env
+  switch = env.get(SWITCH, "")
+  if not sys.platform.startswith("linux") or switch in ("0", "applied"):
+    return False
+  if switch == "1":
+    return True
+  if switch:
+    raise ValueError(f"{SWITCH}={switch!r}: expected 0 (off), 1 (on) or unset (on for CPU-only hosts)")
+  return cpu_only_host(env, device_files)
 
 
 def reexec_with_settings(args: Sequence[str]) -> None:

@@ -77,7 +77,7 @@ def test_search_section_counts_the_leaves_scann_searches_under_a_score_margin(tm
   import dataclasses
 
   from benchmarks.search import _leaf_centres, leaves_within_margin
-  from mote_jax.retrieval.benchmark import clustered_vectors
+  from benchmarks.scann_recall import clustered_vectors
   from mote_jax.retrieval.search import ScannConfig, build_scann
   corpus, mixture = clustered_vectors(20000, 64, clusters=200, noise=1.0, seed=3)
   queries, _ = clustered_vectors(100, 64, noise=1.0, seed=4, mixture=mixture)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mote_jax.model.layers import Dropout, hashed_bits
+from mote_jax.kernels.dropout import hashed_bits
+from mote_jax.model.layers import Dropout
 
 
 def _apply(rate, x, seed=0, deterministic=False):
-  return Dropout(rate).apply({}, x, deterministic, rngs={"dropout": jax.random.PRNGKey(seed)})
+  return Dropout(rate, "hashed").apply({}, x, deterministic, rngs={"dropout": jax.random.PRNGKey(seed)})
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.45])

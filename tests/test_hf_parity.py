@@ -7,6 +7,7 @@ import torch
 from transformers import BertForMaskedLM, BertModel
 
 from mote_jax.hf_interop import from_hf
+from mote_jax.kernels import KernelConfig
 from mote_jax.model import EXPERTS, MoteEncoder
 
 
@@ -61,7 +62,11 @@ def test_mlm_logits_match_torch(random_bert_dir, tokenizer, scifact_sentences):
   encoder = MoteEncoder(config)
   hidden = encoder.apply({"params": params}, batch["input_ids"], batch["attention_mask"], expert="passage")
   logits = np.asarray(encoder.apply({"params": params}, hidden, expert="passage", method=MoteEncoder.mlm_logits))
-  np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+  # The model pads the vocabulary to a multiple of 128; the padding columns are masked, the rest are HF's.
+  v = config.vocab_size
+  assert logits.shape[-1] == config.padded_vocab_size == 30592 > v == ref.shape[-1]
+  np.testing.assert_allclose(logits[..., :v], ref, atol=1e-4, rtol=0)
+  assert (logits[..., v:] == np.finfo(np.float32).min).all()
 
 
 def test_pytorch_bin_checkpoint_loads(random_bert_dir, tmp_path):
@@ -88,3 +93,33 @@ def test_sentence_transformers_encode(minilm_path, tokenizer, scifact_sentences)
     assert cosine.shape == (40,)
     assert cosine.min() >= 0.9999, cosine.min()
     np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
+
+
+KERNEL_SETS = {"cpu": KernelConfig.for_platform("cpu"), "xla": KernelConfig(),
+               "xla+dot_product": KernelConfig(attention="dot_product")}
+# The Pallas TPU kernel's numerics are checked in Pallas interpret mode in tests/test_kernels.py (values and
+# gradients against a float64 reference); the whole encoder in interpret mode took too long for this file.
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kernel_set", list(KERNEL_SETS))
+def test_every_kernel_set_matches_torch(random_bert_dir, tokenizer, scifact_sentences, kernel_set, training):
+  """Every kernel set with every attention implementation available on CPU (the Pallas TPU kernel in Pallas
+  interpret mode) against HF eager BERT, in the inference branch and in the training branch
+  (`deterministic=False`, dropout 0), to 1e-4."""
+  from jax.experimental.pallas import tpu as pltpu
+  batch = _batch(tokenizer, scifact_sentences[:3] + ["Short."])
+  eager = _torch_hidden(str(random_bert_dir), batch, "eager")
+  overrides = {"hidden_dropout": 0.0, "attention_dropout": 0.0} if training else {}
+  config, params = from_hf(random_bert_dir, tower_mode="mote", kernels=KERNEL_SETS[kernel_set], **overrides)
+  interpret = pltpu.force_tpu_interpret_mode() if config.kernels.attention == "pallas_flash" else None
+  if interpret is not None:
+    interpret.__enter__()
+  try:
+    hidden = np.asarray(MoteEncoder(config).apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+        expert="passage", deterministic=not training, rngs={"dropout": jax.random.PRNGKey(0)}))
+  finally:
+    if interpret is not None:
+      interpret.__exit__(None, None, None)
+  np.testing.assert_allclose(hidden, eager, atol=1e-4, rtol=0)

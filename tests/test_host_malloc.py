@@ -66,6 +66,32 @@ def test_reexec_applies_the_settings_once_and_the_pages_stay():
 def test_values_already_set_win():
   env = host_malloc.environment({"MALLOC_ARENA_MAX": "4"})
   assert env["MALLOC_ARENA_MAX"] == "4" and env["MALLOC_MMAP_MAX_"] == "0"
-  assert not host_malloc.wanted({host_malloc.SWITCH: "applied"})
-  assert not host_malloc.wanted({host_malloc.SWITCH: "0"})
-  assert host_malloc.wanted({})
+  none = lambda pattern: []  # noqa: E731  (a host without accelerator device files)
+  assert not host_malloc.wanted({host_malloc.SWITCH: "applied"}, none)
+  assert not host_malloc.wanted({host_malloc.SWITCH: "0"}, none)
+  assert host_malloc.wanted({}, none)
+
+
+@pytest.mark.parametrize("env, devices, cpu_only", [
+    ({}, [], True),
+    ({"JAX_PLATFORMS": "cpu"}, ["/dev/nvidia0"], True),  # JAX_PLATFORMS decides when set
+    ({"JAX_PLATFORMS": "tpu,cpu"}, [], False),
+    ({"JAX_PLATFORMS": "cuda"}, [], False),
+    ({}, ["/dev/accel0"], False),  # a TPU VM (v4 and before)
+    ({}, ["/dev/vfio/0"], False),  # a TPU VM (v5 on)
+    ({}, ["/dev/nvidia0"], False),
+    ({}, ["/dev/kfd"], False),
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, [], False),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, [], False),
+    ({"CUDA_VISIBLE_DEVICES": ""}, [], True),  # devices hidden
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, [], True),
+])
+def test_settings_apply_on_cpu_only_hosts_unless_forced(env, devices, cpu_only):
+  import fnmatch
+  files = lambda pattern: fnmatch.filter(devices, pattern)  # noqa: E731
+  assert host_malloc.cpu_only_host(env, files) is cpu_only
+  assert host_malloc.wanted(env, files) is cpu_only
+  assert host_malloc.wanted({**env, host_malloc.SWITCH: "1"}, files)
+  assert not host_malloc.wanted({**env, host_malloc.SWITCH: "0"}, files)
+  with pytest.raises(ValueError, match="MOTE_JAX_MALLOC_TUNING='yes'"):
+    host_malloc.wanted({**env, host_malloc.SWITCH: "yes"}, files)

@@ -178,7 +178,7 @@ def test_cotmae_losses_match_torch(parity_setup):
 @pytest.mark.parametrize("masked_only", [False, True])
 def test_cotmae_gradients_match_torch(parity_setup, masked_only):
   """Gradients of encoder + decoder MLM loss against torch autograd of the reference, for every kind of
-  product the model differentiates: the attention projections (`layers.linear`'s custom VJP), the routed
+  product the model differentiates: the attention projections (`kernels.dense.linear`), the routed
   expert's FFN, the MLM head transform, the tied word embeddings (input, two MLM heads) and the decoder.
   masked_only: logits at the masked positions only, both losses through one MLM-head call (`_joint_mlm_parts`)."""
   model, params, torch_model, layers, batch = parity_setup
@@ -198,13 +198,17 @@ def test_cotmae_gradients_match_torch(parity_setup, masked_only):
     expert = model.config.route("query")[1]
     enc = grads["encoder"]["tower"]["encoder"]
     bert = torch_model.bert.encoder.layer
-    pairs = {"word embeddings": (grads["encoder"]["tower"]["embeddings"]["word_embeddings"]["embedding"],
-                                 torch_model.bert.embeddings.word_embeddings.weight),
+    v = model.config.vocab_size
+    word = grads["encoder"]["tower"]["embeddings"]["word_embeddings"]["embedding"]
+    mlm_bias = grads["encoder"]["tower"]["mlm_head"]["bias"]
+    # The vocabulary padding rows (`padded_vocab_size`) get no gradient at all.
+    assert word.shape[0] == mlm_bias.shape[0] == model.config.padded_vocab_size > v
+    assert not np.asarray(word[v:]).any() and not np.asarray(mlm_bias[v:]).any()
+    pairs = {"word embeddings": (word[:v], torch_model.bert.embeddings.word_embeddings.weight),
              "mlm transform": (grads["encoder"]["tower"]["mlm_head"]["transform"]["kernel"].T,
                                torch_model.cls.predictions.transform.dense.weight),
-             "mlm bias": (grads["encoder"]["tower"]["mlm_head"]["bias"], torch_model.cls.predictions.bias),
-             # the position rows broadcast over the batch by `layers.add_bias` (a GEMV gradient); rows past the
-             # sequence length get none
+             "mlm bias": (mlm_bias[:v], torch_model.cls.predictions.bias),
+             # the position rows broadcast over the batch; rows past the sequence length get none
              "position embeddings": (grads["encoder"]["tower"]["embeddings"]["position_embeddings"]["embedding"],
                                      torch_model.bert.embeddings.position_embeddings.weight)}
     for i in (0, len(bert) - 1):
@@ -239,62 +243,34 @@ def test_cotmae_gradients_match_torch(parity_setup, masked_only):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tied_logits_has_the_values_and_gradients_of_autodiff(dtype):
-  """`layers.tied_logits` (a custom VJP) against JAX's autodiff of `jnp.dot(x, E.T)` in both compute dtypes:
-  float32 logits, and both gradients accumulated in float32 and cast back to the operands' dtype. The GEMMs
-  contract in another order than autodiff's, so the gradients agree to float32 rounding (one bfloat16 ulp)."""
+@pytest.mark.parametrize("x_shape, kernel_shape", [((3, 7, 32), (32, 48)), ((2, 5, 32), (32, 4, 8)),
+                                                   ((6, 32), (32, 101))])
+def test_cpu_gemm_linear_has_the_values_and_gradients_of_autodiff(dtype, x_shape, kernel_shape):
+  """`kernels.dense.linear_cpu_gemm` (a custom VJP whose kernel gradient is x^T dy in the kernel's orientation)
+  against JAX's autodiff of `jnp.einsum` for the shapes the model uses (a dense layer, a head-split projection
+  [H, N, D]): equal values, gradients to float32 rounding (one bfloat16 ulp)."""
   import jax.numpy as jnp
 
-  from mote_jax.model import layers
+  from mote_jax.kernels.dense import linear
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(keys[0], (3, 7, 32)).astype(dtype)
-  embeddings = jax.random.normal(keys[1], (101, 32)).astype(dtype)
-  cotangent = jax.random.normal(keys[2], (3, 7, 101))
-  ours, ours_vjp = jax.vjp(layers.tied_logits, x, embeddings)
-  ref, ref_vjp = jax.vjp(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32), x, embeddings)
-  assert ours.dtype == ref.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  x = jax.random.normal(keys[0], x_shape).astype(dtype)
+  kernel = jax.random.normal(keys[1], kernel_shape).astype(dtype)
+  out_shape = x_shape[:-1] + kernel_shape[1:]
+  cotangent = jax.random.normal(keys[2], out_shape).astype(dtype)
+  ours, ours_vjp = jax.vjp(lambda a, b: linear(a, b, "cpu_gemm"), x, kernel)
+  ref, ref_vjp = jax.vjp(lambda a, b: jnp.tensordot(a, b, axes=1), x, kernel)
+  assert ours.shape == ref.shape == out_shape and ours.dtype == ref.dtype
+  ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
+  want = np.asarray(ref.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(ours.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
+  plain = linear(x, kernel, "xla")
+  np.testing.assert_allclose(np.asarray(plain.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
   for got, want in zip(ours_vjp(cotangent), ref_vjp(cotangent)):
     assert got.dtype == want.dtype and got.shape == want.shape
     want = np.asarray(want.astype(jnp.float32))
-    ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-6
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("x_shape, bias_shape", [((5, 101), (101,)), ((3, 7, 32), (7, 32)),
-                                                 ((2, 6, 4, 8), (4, 8))])
-def test_add_bias_has_the_values_and_gradients_of_autodiff(dtype, x_shape, bias_shape):
-  """`layers.add_bias` (a custom VJP whose bias gradient is a GEMV over the leading axes) for the shapes the model
-  uses it on: the MLM head's vocabulary bias over positions, the position embeddings [L, H] over the batch, a
-  head-major projection bias [N, D] over [B, L, N, D]. Value and x gradient: exactly autodiff's of `x + bias`;
-  bias gradient: the float32 sum of the cotangent over the leading axes (what autodiff computes, in another
-  order, and in bfloat16 for bfloat16 operands)."""
-  import jax.numpy as jnp
-
-  from mote_jax.model import layers
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(keys[0], x_shape).astype(dtype)
-  bias = jax.random.normal(keys[1], bias_shape).astype(dtype)
-  cotangent = jax.random.normal(keys[2], x_shape).astype(dtype)
-  ours, ours_vjp = jax.vjp(layers.add_bias, x, bias)
-  ref, ref_vjp = jax.vjp(lambda a, b: a + b, x, bias)
-  np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
-  (dx, dbias), (ref_dx, _) = ours_vjp(cotangent), ref_vjp(cotangent)
-  np.testing.assert_array_equal(np.asarray(dx.astype(jnp.float32)), np.asarray(ref_dx.astype(jnp.float32)))
-  assert dbias.dtype == bias.dtype and dbias.shape == bias.shape
-  # Equal to float32 rounding, or one bfloat16 ulp after the cast back.
-  want = np.asarray(cotangent.astype(jnp.float32)).reshape(-1, *bias_shape).sum(0)
-  ulp = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
-  np.testing.assert_allclose(np.asarray(dbias.astype(jnp.float32)), want, rtol=ulp, atol=ulp * np.abs(want).max())
-  # Mixed dtypes (bfloat16 activations + a float32 bias): the promoted sum, each gradient in its input's dtype.
-  mixed, mixed_vjp = jax.vjp(layers.add_bias, x.astype(jnp.bfloat16), bias.astype(jnp.float32))
-  assert mixed.dtype == jnp.float32
-  assert [g.dtype for g in mixed_vjp(mixed)] == [jnp.bfloat16, jnp.float32]
-  wrong = jnp.zeros(bias_shape[:-1] + (bias_shape[-1] + 1,), dtype)
-  for call in (layers.add_bias, lambda a, b: jax.vjp(layers.add_bias, a, b)):
-    with pytest.raises(ValueError, match="trailing shape"):
-      call(x, wrong)
+  with pytest.raises(ValueError, match="KernelConfig.dense"):
+    linear(x, kernel, "fast")
 
 
 @pytest.mark.parametrize("activation", ["none", "log1p_relu"])

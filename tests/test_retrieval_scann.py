@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from mote_jax.retrieval import benchmark
+from benchmarks import scann_recall as benchmark
 from mote_jax.retrieval.search import ScannConfig
 
 log = logging.getLogger(__name__)

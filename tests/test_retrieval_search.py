@@ -113,7 +113,7 @@ def test_scann_config_rejects_an_unknown_reorder_dtype():
 def test_scann_leaf_score_margin_adapts_the_leaves_searched_per_query():
   """`leaf_score_margin` switches ScaNN to ADDITIVE query spilling: margin 0 searches each query's best leaf
   only, a margin wider than any score gap searches `num_leaves_to_search` leaves, as the fixed count does."""
-  from mote_jax.retrieval.benchmark import clustered_vectors
+  from benchmarks.scann_recall import clustered_vectors
   from mote_jax.retrieval.search import build_scann
   corpus, mixture = clustered_vectors(20000, 64, clusters=200, noise=1.0, seed=3)
   queries, _ = clustered_vectors(300, 64, noise=1.0, seed=4, mixture=mixture)

@@ -109,11 +109,25 @@ def test_golden_shardings():
 
 
 def test_indivisible_dimension_falls_back_to_replication():
-  config = CONFIG.replace(vocab_size=30522)  # 30522 = 2 x 15261: not divisible by 4
+  config = CONFIG.replace(intermediate_size=250)  # 250 = 2 x 125: not divisible by 4
   partitioner = Partitioner.create(MeshConfig(data=2, model=4))
   shardings = partitioner.param_shardings(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
-  assert shardings["tower"]["embeddings"]["word_embeddings"]["embedding"].spec == P(None, None)
-  assert shardings["tower"]["encoder"]["layer_0"]["ffn"]["intermediate_kernel"].spec == P(None, None, "model")
+  assert shardings["tower"]["encoder"]["layer_0"]["ffn"]["intermediate_kernel"].spec == P(None, None, None)
+  assert shardings["tower"]["encoder"]["layer_0"]["attention"]["query_kernel"].spec == P(None, "model", None)
+
+
+def test_padded_vocabulary_is_split_over_the_model_axis():
+  """BERT's 30,522 words (2 x 15,261) are padded to 30,592 (a multiple of 128) inside the model, so a 'model'
+  axis of 4 (or 8) splits the word embeddings and the MLM bias instead of replicating them."""
+  config = CONFIG.replace(vocab_size=30522)
+  assert config.padded_vocab_size == 30592
+  boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  assert boxed["tower"]["embeddings"]["word_embeddings"]["embedding"].value.shape == (30592, 64)
+  for model in (4, 8):
+    partitioner = Partitioner.create(MeshConfig(data=8 // model, model=model))
+    shardings = partitioner.param_shardings(boxed)
+    assert shardings["tower"]["embeddings"]["word_embeddings"]["embedding"].spec[0] == "model"
+    assert shardings["tower"]["mlm_head"]["bias"].spec == P("model")
 
 
 @pytest.mark.parametrize("tower_mode", ["siamese", "separated", "mote"])
@@ -146,3 +160,34 @@ def test_mesh_config_errors_name_the_problem():
   with pytest.raises(ValueError, match="only one axis may be -1"):
     MeshConfig(data=-1, model=-1).axis_sizes(8)
   assert Partitioner.create(MeshConfig(data=-1, model=2)).mesh.shape == {"data": 4, "model": 2}
+
+
+@pytest.mark.parametrize("kernel_set", ["xla", "xla+dot_product", "cpu"])
+def test_every_kernel_set_agrees_across_meshes_in_training(kernel_set):
+  """The training branch (`deterministic=False`, dropout 0) of each kernel set available on CPU: loss, hidden
+  states and gradients on a 2 x 2 x 2 (data, fsdp, model) mesh equal one device's to 1e-5."""
+  from mote_jax.kernels import KernelConfig
+  sets = {"xla": KernelConfig(), "xla+dot_product": KernelConfig(attention="dot_product"),
+          "cpu": KernelConfig.for_platform("cpu")}
+  config = CONFIG.replace(kernels=sets[kernel_set], hidden_dropout=0.0, attention_dropout=0.0)
+
+  def loss(params, batch):
+    encoder = MoteEncoder(config)
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    hidden = encoder.apply({"params": params}, batch["input_ids"], batch["attention_mask"], expert="passage",
+                           deterministic=False, rngs=rngs)
+    logits = encoder.apply({"params": params}, hidden, expert="passage", method=MoteEncoder.mlm_logits)
+    valid = batch["labels"] >= 0
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(valid, batch["labels"], 0)[..., None], -1)
+    return (ce[..., 0] * valid).sum() / valid.sum(), hidden
+
+  results = []
+  for mesh_config, devices in (MESHES["1 device"], MESHES["2 data x 2 fsdp x 2 model"]):
+    partitioner = Partitioner.create(mesh_config, devices=jax.devices()[:devices])
+    params, shardings = partitioner.init(functools.partial(init_params, config), jax.random.PRNGKey(0))
+    step = partitioner.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=(shardings, None))
+    results.append(jax.device_get(step(params, partitioner.global_batch(_batch()))))
+  ((ref_loss, ref_hidden), ref_grads), ((got_loss, hidden), grads) = results
+  assert abs(got_loss - ref_loss) <= 1e-5
+  np.testing.assert_allclose(hidden, ref_hidden, atol=1e-5, rtol=0)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=0), grads, ref_grads)

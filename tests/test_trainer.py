@@ -16,9 +16,11 @@ from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.training.checkpointing import Checkpointer
-from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, clip_by_global_norm,
-                                         decay_mask, expert_axes, learning_rate_schedule, make_optimizer,
-                                         routed_slices, take_routed)
+from mote_jax.kernels import KernelConfig
+from mote_jax.kernels.clip import scalar_clip_by_global_norm
+from mote_jax.training.optimizer import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+from mote_jax.training.routing import (Routed, Routing, apply_routed_updates, routed_slices,
+                                       take_routed)
 from mote_jax.training.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
 
@@ -57,16 +59,18 @@ def _batches(start, seed=0, batch_size=16):
 _batches.poison = set()
 
 
-def _trainer(tmp_path, num_steps=6, partitioner=None, routed=False, **overrides):
-  """A Trainer for `Regressor` on expert 1; `routed`: with the static routing the jobs pass (`routed_slices`)."""
+def _trainer(tmp_path, num_steps=6, partitioner=None, routed=False, grad_clip="scalar", **overrides):
+  """A Trainer for `Regressor` on expert 1; `routed`: with the static routing the jobs pass (`routed_slices`),
+  else with the dynamic freeze of all-zero experts."""
   partitioner = partitioner or Partitioner.create(MeshConfig(data=8))
   params, shardings = partitioner.init(_init, jax.random.PRNGKey(0))
   boxed = jax.eval_shape(_init, jax.random.PRNGKey(0))
   config = TrainerConfig(**{**dict(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=2,
                                    async_checkpointing=False, progress_bar=False), **overrides})
   trainer = Trainer(config, OptimizerConfig(learning_rate=0.05, warmup_steps=2, total_steps=num_steps),
-                    partitioner, _loss, tmp_path, shardings, expert_axes(boxed),
-                    routed=routed_slices({"tower": boxed}, [("tower", 1)])["tower"] if routed else None)
+                    partitioner, _loss, tmp_path, shardings,
+                    routing=Routing(slices=routed_slices({"tower": boxed}, [("tower", 1)])["tower"]) if routed
+                    else Routing.dynamic(boxed), kernels=KernelConfig(grad_clip=grad_clip))
   return trainer, params
 
 
@@ -92,7 +96,7 @@ def test_clip_by_global_norm_is_torchs_clip_grad_norm(max_norm):
   for k, t in tensors.items():
     t.grad = torch.tensor(grads[k])
   norm = float(torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm))
-  clip = clip_by_global_norm(max_norm)
+  clip = scalar_clip_by_global_norm(max_norm)
   clipped, _ = jax.jit(clip.update)(jax.tree.map(jnp.asarray, grads), clip.init(grads))
   for k, t in tensors.items():
     np.testing.assert_allclose(clipped[k], t.grad.numpy(), rtol=1e-6, atol=0)
@@ -103,8 +107,9 @@ def test_clip_by_global_norm_is_torchs_clip_grad_norm(max_norm):
   np.testing.assert_allclose(given["a"], grads["a"] * max_norm / (4 * max_norm + 1e-6), rtol=1e-6)
 
 
+@pytest.mark.parametrize("grad_clip", ["optax", "scalar"])
 @pytest.mark.parametrize("routing", ["static", "dynamic"])
-def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
+def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing, grad_clip):
   """Three AdamW steps (with clipping) on expert 1 only: expert 1 and the shared scale follow
   torch.optim.AdamW, expert 0 does not move at all (torch skips a parameter whose .grad is None: no weight
   decay either). `static`: `skip_unrouted` with the routing known up front; `dynamic`: `freeze_unrouted_experts`."""
@@ -115,9 +120,9 @@ def test_adamw_matches_torch_and_leaves_unrouted_expert_alone(routing):
   if routing == "static":
     slices = routed_slices({"tower": boxed}, [("tower", 1)])["tower"]
     assert slices == {"kernel": Routed(0, 1, 2), "bias": Routed(0, 1, 2), "scale": Routed()}
-    tx = make_optimizer(config, params, slices=slices)
+    tx = Routing(slices=slices).wrap(make_optimizer(config, params, grad_clip))
   else:
-    tx = make_optimizer(config, params, expert_axes(boxed))
+    tx = Routing.dynamic(boxed).wrap(make_optimizer(config, params, grad_clip))
   state = tx.init(params)
   torch_params = {k: torch.nn.Parameter(torch.tensor(np.asarray(v[1] if k != "scale" else v)))
                   for k, v in params.items()}
@@ -268,3 +273,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert checkpointer.latest_step is None
   finally:
     _batches.poison = set()
+
+
+def test_build_trainer_picks_the_routing_and_the_platform_kernels(tmp_path):
+  """`build_trainer` (the jobs' and benchmarks' one assembly): routes give static routing (the optimizer sees the
+  routed slices only), none give the dynamic freeze; the gradient clip follows the kernel set, which defaults to
+  the mesh platform's."""
+  from mote_jax.training.builder import build_trainer
+  partitioner = Partitioner.create(MeshConfig(data=8))
+  boxed = {"tower": jax.eval_shape(_init, jax.random.PRNGKey(0))}
+  args = (TrainerConfig(progress_bar=False), OptimizerConfig(), partitioner, _loss, tmp_path, boxed)
+  static = build_trainer(*args, routes=[("tower", 1)])
+  assert static.routing.slices["tower"]["kernel"] == Routed(0, 1, 2) and static.routing.axes is None
+  dynamic = build_trainer(*args)
+  assert dynamic.routing.slices is None and dynamic.routing.axes["tower"] == {"kernel": 0, "bias": 0, "scale": None}
+  assert static.kernels == KernelConfig.for_platform("cpu")
+  assert build_trainer(*args, kernels=KernelConfig(grad_clip="scalar")).kernels.grad_clip == "scalar"
+  with pytest.raises(ValueError, match="routes or routing"):
+    build_trainer(*args, routes=[("tower", 1)], routing=Routing())

@@ -14,6 +14,7 @@ from etils import epath
 from mote_jax import data
 from mote_jax.data.finetune import SamplingConfig
 from mote_jax.jobs import ablation, finetune, generate_queries, import_hf, preprocess, pretrain, quickstart  # noqa: F401,E501  (registers their configurables)
+from mote_jax.kernels import KernelConfig
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig
 from mote_jax.objectives.contrastive import ContrastiveConfig
@@ -29,6 +30,9 @@ for _configurable in (MeshConfig, MoteConfig, ObjectiveConfig, OptimizerConfig, 
                       data.register_tfds_task, data.register_query_pair_tasks, data.register_records_task,
                       data.SpanSampling):
   gin.external_configurable(_configurable, module="mote_jax")
+
+# Kernel sets (`MoteConfig.kernels = @KernelConfig()`, `KernelConfig.attention = 'dot_product'`).
+gin.external_configurable(KernelConfig, module="mote_jax")
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
 from mote_jax.retrieval.evaluate import evaluate
 from mote_jax.training.checkpointing import Checkpointer, is_uri
-from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
-from mote_jax.training.trainer import Trainer, TrainerConfig
+from mote_jax.training.builder import build_trainer
+from mote_jax.training.optimizer import OptimizerConfig
+from mote_jax.training.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -176,9 +177,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   def loss_fn(params, batch, rng, deterministic):
     return contrastive_model.loss_fn(params, batch, rng, deterministic)
 
-  loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed),
-                 loss_and_grads_fn=contrastive_model.loss_and_grads,
-                 routed=routed_slices(boxed, [config.route(t) for t in EXPERTS]))
+  loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed,
+                       routes=[config.route(t) for t in EXPERTS], loss_and_grads_fn=contrastive_model.loss_and_grads)
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))

@@ -24,8 +24,9 @@ from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.training import flops as peak_flops
 from mote_jax.training.checkpointing import Checkpointer
-from mote_jax.training.optimizer import OptimizerConfig, expert_axes, routed_slices
-from mote_jax.training.trainer import Trainer, TrainerConfig
+from mote_jax.training.builder import build_trainer
+from mote_jax.training.optimizer import OptimizerConfig
+from mote_jax.training.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
   trainer = dataclasses.replace(trainer, peak_flops_per_device=peak_flops.resolve_peak_flops(
       trainer.peak_flops_per_device, partitioner.mesh.devices.flat[0].device_kind, config.dtype))
   routes = [config.route(t) for s in stream_defs for t in (s.anchor_type, s.context_type)]
-  loop = Trainer(trainer, optimizer, partitioner, loss_fn, model_dir, shardings, expert_axes(boxed), flops,
-                 eval_loss_fn=eval_loss_fn if eval_specs else None, routed=routed_slices(boxed, routes))
+  loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed, routes=routes,
+                       flops_per_step=flops, eval_loss_fn=eval_loss_fn if eval_specs else None)
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)

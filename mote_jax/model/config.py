@@ -7,11 +7,14 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from mote_jax.kernels import KernelConfig, resolve
+
 TowerMode = Literal["siamese", "separated", "mote"]
 Expert = Literal["query", "passage"]
 EXPERTS: tuple[str, ...] = ("query", "passage")
 POOLINGS = ("cls", "mean")
 TOWER_MODES = ("siamese", "separated", "mote")
+VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this inside the model (`padded_vocab_size`)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Compute dtype of `dtype="auto"` per JAX platform: bfloat16 where matmul units run it natively (TPU MXUs, GPU
 # tensor cores), float32 elsewhere (XLA:CPU computes bfloat16 matmuls slower than float32 ones).
@@ -34,6 +37,8 @@ class MoteConfig:
   given as strings ("float32", "bfloat16") so the config stays hashable and gin-friendly. `dtype="auto"` means
   bfloat16 activations on TPU / GPU and float32 on CPU (`resolve_dtype`); jobs resolve it on their mesh's
   platform at start (`for_platform`), and an unresolved "auto" follows JAX's default backend.
+  `kernels` picks the implementations of the dense products, dropout bits and attention (`mote_jax.kernels`);
+  None (the default) means the default set of the platform the model is traced on.
   """
 
   vocab_size: int = 30522
@@ -63,8 +68,11 @@ class MoteConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: bool = False
+  kernels: KernelConfig | None = None
 
   def __post_init__(self):
+    if isinstance(self.kernels, dict):  # from a JSON record
+      object.__setattr__(self, "kernels", KernelConfig(**self.kernels))
     if self.tower_mode not in TOWER_MODES:
       raise ValueError(f"MoteConfig.tower_mode={self.tower_mode!r}: expected one of {TOWER_MODES}")
     if self.pooling not in POOLINGS:
@@ -84,6 +92,19 @@ class MoteConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """`vocab_size` rounded up to a multiple of `VOCAB_MULTIPLE`: the rows of the word embeddings and the columns
+    of the MLM logits inside the model, so that a 'model' mesh axis divides the vocabulary (an indivisible one
+    replicates it). The padding rows stay zero and never leave the model (HF import pads, export cuts them);
+    the MLM logits over them are masked to the float32 minimum."""
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
+  def kernel_set(self) -> KernelConfig:
+    """`kernels`, or the default set of JAX's default backend."""
+    return resolve(self.kernels)
 
   @property
   def compute_dtype(self):

@@ -247,7 +247,9 @@ class PretrainModel:
         parts.update({f"encoder_mlm_{k}": v for k, v in losses.token_cross_entropy(logits, a_labels).items()})
       original = losses.restore_input_ids(a_ids, a_labels)
       token_mask = losses.ordinary_token_mask(original, a_mask, obj.special_token_ids)
-      representation = losses.bow_representation(logits, token_mask, obj.bow_activation)
+      # Over the real vocabulary (the padding columns are not words).
+      representation = losses.bow_representation(logits[..., :self.config.vocab_size], token_mask,
+                                                  obj.bow_activation)
       targets = losses.bow_targets(original, token_mask, self.config.vocab_size)
       parts.update({f"bow_{k}": v for k, v in losses.bow_loss(representation, targets).items()})
     joint_head = self.joint_mlm_head(anchor_type, context_type)

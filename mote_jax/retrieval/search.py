@@ -132,12 +132,11 @@ class ScannConfig:
   near-orthogonal to the first: that recovers neighbours on partition boundaries, where query/passage pairs
   from different towers often sit. The defaults reach recall@10 >= 0.95 of exact search on SciFact
   (all-MiniLM-L6-v2) and on 1M x 384 clustered vectors (tests/test_retrieval_scifact.py,
-  tests/test_retrieval_scann.py; `python -m mote_jax.retrieval.benchmark`). For speed on a large corpus, more
-  leaves with their k-means trained on every row search a smaller share of the data at the same recall:
-  `ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`
-  reached recall@10 0.95 at 120-135 leaves searched on 1M x 384 rows (benchmarks/RESULTS.md, section 4), at the cost
-  of a ~4x longer build; with `leaf_score_margin=0.19, num_leaves_to_search=150` (300 for more recall) each query
-  searches only the leaves near its best one, which reached the same recall at ~1.6x the queries/s there.
+  tests/test_retrieval_scann.py; `python -m benchmarks.scann_recall`). For speed on a large corpus, more
+  leaves with their k-means trained on every row search a smaller share of the data at the same recall
+  (`ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`),
+  at the cost of a longer build; `leaf_score_margin` lets each query search only the leaves near its best one
+  (measurements: benchmarks/RESULTS.md, section 4).
   """
 
   num_leaves: int | None = None
@@ -151,16 +150,13 @@ class ScannConfig:
   anisotropic_quantization_threshold: float = 0.2
   reorder: int = 250
   # The rows' copy that reordering scores: "float32" (exact), "bfloat16" or "int8" (fixed point). A quantised
-  # copy is a memory knob, not a speed one: a serialised index of 1M x 384 rows takes 1,670 MB with float32
-  # and 938 MB with bfloat16 at equal queries/s (search time is the AH scan's), recall@10 within 0.005 of
-  # float32's (benchmarks/RESULTS.md, section 4; int8 in benchmarks/analysis.md). The returned neighbours are then
-  # rescored exactly against the float32 rows, so scores stay true inner products.
+  # copy is a memory knob, not a speed one (search time is the AH scan's; benchmarks/RESULTS.md, section 4). The
+  # returned neighbours are then rescored exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
   # Query-adaptive leaf selection: a query searches every leaf whose centroid's inner product with it is within
   # this margin of its best leaf's, at most num_leaves_to_search (ScaNN's ADDITIVE query spilling). A query deep
   # inside one cluster then searches few leaves and one on a boundary many. None: every query searches exactly
-  # num_leaves_to_search leaves. On 1M x 384 rows a margin of 0.19 with up to 150-300 leaves beat fixed leaf
-  # counts at equal recall by ~1.6x in queries/s (benchmarks/RESULTS.md, section 4).
+  # num_leaves_to_search leaves (benchmarks/RESULTS.md, section 4).
   leaf_score_margin: float | None = None
   training_threads: int = 0  # 0: all cores
   search_threads: int = 0

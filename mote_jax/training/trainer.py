@@ -27,30 +27,17 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mote_jax.kernels import KernelConfig, resolve
 from mote_jax.partitioning import Partitioner
 from mote_jax.training.checkpointing import Checkpointer
 from mote_jax.training.metrics import MetricsWriter
-from mote_jax.training.optimizer import (OptimizerConfig, Routed, apply_routed_updates, learning_rate_schedule,
-                                         make_optimizer, pad_routed, take_routed)
+from mote_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from mote_jax.training.routing import Routing
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray]
 LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict]]
-
-
-def step_compiler_options(mesh) -> dict:
-  """XLA options for the jitted train step on `mesh`'s platform.
-
-  CPU: copy insertion with region analysis, which XLA:CPU leaves off by default. Without it, every expert-stacked
-  parameter and Adam moment (whole [E, H, F] stacks) is copied around the in-place updates of their routed
-  slices inside the non-finite-skip conditional: 1,301 copy instructions in the compiled MiniLM pre-training
-  step against 805 with it, and 1.2–2.0% of its time (in-process A/B; 7a), with the same losses (benchmarks/analysis.md; RESULTS.md's
-  7a row no-region-analysis undoes it on every run). Other platforms: XLA's defaults.
-  """
-  if mesh.devices.flat[0].platform == "cpu":
-    return {"xla_cpu_copy_insertion_use_region_analysis": True}
-  return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +84,16 @@ class Trainer:
   """Builds the jitted step for a loss and runs the loop; stateless apart from its configuration."""
 
   def __init__(self, config: TrainerConfig, optimizer_config: OptimizerConfig, partitioner: Partitioner,
-               loss_fn: LossFn, model_dir: str | os.PathLike, param_shardings: Any, expert_axes: Any = None,
+               loss_fn: LossFn, model_dir: str | os.PathLike, param_shardings: Any, *,
+               routing: Routing | None = None, kernels: KernelConfig | None = None,
                flops_per_step: float | None = None, eval_loss_fn: LossFn | None = None,
-               loss_and_grads_fn: Callable | None = None, routed: Any = None):
-    """`eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other fields or streams.
-    `routed` (`optimizer.routed_slices` of the text types the loss routes) lets the optimizer skip what the
-    step never reaches; without it, `expert_axes` freezes experts whose gradient comes out all zero.
-    `loss_and_grads_fn(params, batch, rng, deterministic) -> ((loss, metrics), grads)` replaces autodiff of
-    `loss_fn` where the objective computes its own gradients (GradCache)."""
+               loss_and_grads_fn: Callable | None = None):
+    """`routing` (`training.routing.Routing`; default none) restricts the optimizer and the step's gradient
+    handling to what the step's texts reach. `kernels.grad_clip` picks the gradient clip (default: the mesh
+    platform's kernel set). `eval_loss_fn` (default `loss_fn`) scores held-out batches, which may hold other
+    fields or streams. `loss_and_grads_fn(params, batch, rng, deterministic) -> ((loss, metrics), grads)`
+    replaces autodiff of `loss_fn` where the objective computes its own gradients (GradCache).
+    Most callers build a Trainer with `training.builder.build_trainer`."""
     self.config = config
     self.partitioner = partitioner
     self.loss_fn = loss_fn
@@ -113,9 +102,10 @@ class Trainer:
     self.model_dir = epath.Path(model_dir)  # keeps gs:// and other URIs (pathlib would collapse "//")
     self.param_shardings = param_shardings
     self.flops_per_step = flops_per_step
-    self.routed = routed
+    self.routing = routing or Routing()
+    self.kernels = resolve(kernels, partitioner.mesh.devices.flat[0].platform)
     # The decay mask needs paths only, so the shardings tree stands in for the params.
-    self.optimizer = make_optimizer(optimizer_config, param_shardings, expert_axes, routed)
+    self.optimizer = self.routing.wrap(make_optimizer(optimizer_config, param_shardings, self.kernels.grad_clip))
     self.schedule = learning_rate_schedule(optimizer_config)
     self._replicated = NamedSharding(partitioner.mesh, PartitionSpec())
     self._step_fn = None
@@ -177,21 +167,21 @@ class Trainer:
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
     (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng)
-    # Only the routed parts of the gradient (all of it without static routing: `Routed()` leaves) are normed and
-    # enter the conditional; they are padded back inside it, where XLA sees that `skip_unrouted` slices them
-    # again, so whole expert-stack gradients (zeros around the routed expert) are never materialised. Outside
-    # the routed parts the gradient is zero, so their norm is the norm.
-    routed = self.routed if self.routed is not None else jax.tree.map(lambda _: Routed(), grads)
+    # Only the routed parts of the gradient (all of it without static routing) are normed and enter the
+    # conditional; they are padded back inside it, where XLA sees that the routing slices them again, so whole
+    # expert-stack gradients (zeros around the routed expert) are never materialised. Outside the routed parts
+    # the gradient is zero, so their norm is the norm.
+    routing = self.routing
     shapes = jax.tree.map(jnp.shape, grads)
-    routed_grads = take_routed(routed, grads)
+    routed_grads = routing.take(grads)
     grad_norm = optax.global_norm(routed_grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(parts):
-      # The clip reuses the norm computed above (the branch would otherwise read every gradient again).
-      updates, opt_state = self.optimizer.update(pad_routed(routed, parts, shapes), state.opt_state, state.params,
+      # A clip that takes `global_norm=` reuses the norm above (others ignore it and compute their own).
+      updates, opt_state = self.optimizer.update(routing.pad(parts, shapes), state.opt_state, state.params,
                                                  global_norm=grad_norm)
-      return apply_routed_updates(state.params, updates, routed), opt_state
+      return routing.apply_updates(state.params, updates), opt_state
 
     # A non-finite step is skipped: params and optimizer state stay, the data stream moves on. A conditional
     # rather than a select per parameter: the update runs only when applied, with no extra pass over the state.
@@ -215,8 +205,7 @@ class Trainer:
     if self._step_fn is None:
       shardings = self.state_shardings(state)
       self._step_fn = self.partitioner.jit(self._train_step, in_shardings=(shardings, None),
-                                           out_shardings=(shardings, self._replicated), donate_argnums=(0,),
-                                           compiler_options=step_compiler_options(self.partitioner.mesh))
+                                           out_shardings=(shardings, self._replicated), donate_argnums=(0,))
       self._eval_fn = self.partitioner.jit(self._eval_step, in_shardings=(self.param_shardings, None),
                                            out_shardings=self._replicated)
     return self._step_fn
@@ -245,7 +234,7 @@ class Trainer:
         if start == 0 and eval_batches is not None and cfg.eval_every:
           writer.write(0, self.evaluate(state.params, eval_batches()))
         # A step's non-finite counter is read after the next step is dispatched, so the host never waits for
-        # the device in between (waiting cost 1-4.5% of a MiniLM step on CPU, benchmarks section 7a). Before anything that exposes the
+        # the device in between and prepares the next batch while a step runs. Before anything that exposes the
         # state (a log line, an evaluation, a checkpoint, a stop) the current step's counter is read at once, so
         # no checkpoint follows the step that ends a run of non-finite steps.
         pending = None  # (step, its consecutive non-finite counter), not yet read

@@ -1,7 +1,7 @@
 """ScaNN vs exact search on synthetic clustered vectors: recall@k, build time and query throughput.
 
-    python -m mote_jax.retrieval.benchmark --rows 1000000 --dim 384 --queries 1000 [--clusters 10000 --noise 1]
-    python -m mote_jax.retrieval.benchmark --num_leaves_to_search 95 --soar_lambda none   # any ScannConfig field
+    python -m benchmarks.scann_recall --rows 1000000 --dim 384 --queries 1000 [--clusters 10000 --noise 1]
+    python -m benchmarks.scann_recall --num_leaves_to_search 95 --soar_lambda none   # any ScannConfig field
 
 See `clustered_vectors` for the data: a Gaussian mixture shaped like real passage embeddings (their effective
 dimension), not isotropic noise, which no partitioning index handles well and real embeddings do not resemble.
