@@ -120,3 +120,92 @@ def test_gradcache_matches_plain_gradients(params):
   # Temperature 0.05 scales gradients up to ~1e2: compare each parameter relative to its largest gradient.
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(a)).max(), 1e-3)
+
+
+def _judged_batch():
+  """_batch() with corpus indices: every passage its own document, except that query 4's positive is the same
+  document as query 2's positive (shared judgement); query 0's qrels also judge query 3's positive (column
+  3 * (1 + N)) and query 5's second hard negative (column 5 * (1 + N) + 2); query 7's list names a document
+  that is not in the batch."""
+  batch = _batch(5)
+  doc = np.arange(B * (1 + N), dtype=np.int32).reshape(B, 1 + N) + 100
+  doc[4, 0] = doc[2, 0]
+  batch["passage_input_ids"][4, 0] = batch["passage_input_ids"][2, 0]
+  batch["passage_attention_mask"][4, 0] = batch["passage_attention_mask"][2, 0]
+  judged = np.full((B, 3), -1, np.int32)
+  judged[:, 0] = doc[:, 0]  # every query's own positive
+  judged[0, 1:] = doc[3, 0], doc[5, 2]
+  judged[7, 1] = 9999
+  return dict(batch, passage_doc_index=doc, query_judged_index=judged)
+
+
+def _masked_reference(params, batch, temperature):
+  """float64 numpy InfoNCE where query b's softmax leaves out every column c != b(1+N) whose document is in b's
+  judged list (loops, independent of `judged_mask`); returns (loss, the mask)."""
+  encoder = MoteEncoder(CONFIG)
+  q = np.asarray(encoder.apply({"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
+                               expert="query", method=MoteEncoder.embed), np.float64)
+  p = np.asarray(encoder.apply({"params": params}, batch["passage_input_ids"].reshape(B * (1 + N), LP),
+                               batch["passage_attention_mask"].reshape(B * (1 + N), LP), expert="passage",
+                               method=MoteEncoder.embed), np.float64)
+  scores = q @ p.T / temperature
+  docs = batch["passage_doc_index"].reshape(-1)
+  excluded = np.zeros(scores.shape, bool)
+  losses = []
+  for b in range(B):
+    judged = {int(d) for d in batch["query_judged_index"][b] if d >= 0}
+    kept = []
+    for c in range(B * (1 + N)):
+      if c != b * (1 + N) and int(docs[c]) in judged:
+        excluded[b, c] = True
+      else:
+        kept.append(scores[b, c])
+    kept = np.array(kept)
+    losses.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[b, b * (1 + N)])
+  return float(np.mean(losses)), excluded
+
+
+def test_judged_passages_of_other_rows_leave_the_denominator_on_8_devices(params):
+  batch = _judged_batch()
+  reference, excluded = _masked_reference(params, batch, 0.5)
+  # The cases the batch was built for: query 0 loses query 3's positive and query 5's hard negative, queries 2
+  # and 4 lose each other's positive (the same document), nothing else is excluded.
+  expected = {(0, 3 * (1 + N)), (0, 5 * (1 + N) + 2), (2, 4 * (1 + N)), (4, 2 * (1 + N))}
+  assert set(zip(*np.nonzero(excluded))) == expected
+  unmasked_batch = {k: v for k, v in batch.items() if k not in ("passage_doc_index", "query_judged_index")}
+  unmasked = _reference_loss(params, unmasked_batch, 0.5)
+  assert abs(reference - unmasked) > 1e-3  # the mask changes the loss measurably
+
+  model = ContrastiveModel(CONFIG, ContrastiveConfig(temperature=0.5))
+  partitioner = Partitioner.create(MeshConfig(data=8))
+  shardings = partitioner.param_shardings(jax.eval_shape(lambda: init_params(CONFIG, jax.random.PRNGKey(0))))
+  global_batch = partitioner.global_batch(batch)
+  assert global_batch["passage_doc_index"].sharding.spec[0] is not None  # each device holds its rows only
+  loss, metrics = partitioner.jit(model.loss_fn)(partitioner.shard(params, shardings), global_batch)
+  assert abs(float(loss) - reference) <= 1e-5
+  assert abs(float(metrics["masked_per_query"]) - len(expected) / B) <= 1e-6
+  # mask_judged=False ignores the index fields: the plain global softmax.
+  off = ContrastiveModel(CONFIG, ContrastiveConfig(temperature=0.5, mask_judged=False))
+  assert abs(float(jax.jit(off.loss_fn)(params, batch)[0]) - unmasked) <= 1e-5
+
+
+def test_an_excluded_logit_has_no_gradient():
+  batch = _judged_batch()
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.standard_normal((B, 16)), jnp.float32)
+  p = jnp.asarray(rng.standard_normal((B * (1 + N), 16)), jnp.float32)
+  jacobian = np.asarray(jax.jacrev(lambda p: info_nce_per_query(
+      q, p, 1.0, batch["query_judged_index"], batch["passage_doc_index"]))(p))
+  norms = np.abs(jacobian).sum(-1)  # [B, B(1+N)]
+  assert norms[0, 3 * (1 + N)] == 0 and norms[0, 5 * (1 + N) + 2] == 0 and norms[2, 4 * (1 + N)] == 0
+  assert norms[0, 0] > 0 and norms[1, 3 * (1 + N)] > 0  # own positive kept; other queries keep the passage
+  assert np.isfinite(jacobian).all()
+
+
+def test_gradcache_applies_the_same_mask(params):
+  batch = _judged_batch()
+  plain = ContrastiveModel(CONFIG, ContrastiveConfig(temperature=0.5))
+  cached = ContrastiveModel(CONFIG, ContrastiveConfig(temperature=0.5, gradcache_chunks=2))
+  loss_a = float(jax.jit(plain.loss_fn)(params, batch)[0])
+  (loss_b, _), _ = jax.jit(cached.loss_and_grads)(params, batch)
+  assert abs(loss_a - float(loss_b)) <= 1e-5 * abs(loss_a)

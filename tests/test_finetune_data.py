@@ -104,3 +104,71 @@ def test_seqio_task_yields_the_stream(tokenizer):
   expected = stream.batch(range(7))
   for key, value in expected.items():
     np.testing.assert_array_equal(np.stack([e[key] for e in examples]), value)
+
+
+def test_graded_positives_and_negatives_free_of_judged_passages():
+  ids = [f"d{i}" for i in range(8)]
+  passages = [f"text of document {i}" for i in range(8)]
+  qrels = {"q": {"d1": 1, "d2": 2, "d3": 0, "d4": -1}}
+  run = {"q": {d: 10.0 - i for i, d in enumerate(["d3", "d1", "d5", "d2", "d4", "d6", "d7", "d0"])}}
+  (group,) = beir_groups(ids, passages, {"q": "query"}, qrels, run, num_negatives=3)
+  assert [p.docid for p in group.positives] == ["d2", "d1"]  # highest grade first
+  assert [p.docid for p in group.negatives] == ["d5", "d6", "d7"]  # run order, no judged passage of any grade
+  assert set(group.judged_ids()) == {"d1", "d2", "d3", "d4"}
+  (group,) = beir_groups(ids, passages, {"q": "query"}, qrels, run, num_negatives=3, min_positive_grade=2)
+  assert [p.docid for p in group.positives] == ["d2"]
+  assert [p.docid for p in group.negatives] == ["d5", "d6", "d7"]  # d1 (grade 1) is judged: never a negative
+  assert "d1" in group.judged_ids()
+  with pytest.raises(ValueError, match="min_positive_grade=0"):
+    beir_groups(ids, passages, {"q": "query"}, qrels, run, min_positive_grade=0)
+
+
+def test_batches_carry_the_corpus_indices_the_loss_masks_with(tokenizer):
+  groups = _toy_groups(6, negatives=4)
+  # q0's qrels also judge q1's positive, one of q2's negatives and a document no group holds.
+  groups[0] = TrainGroup(groups[0].query_id, groups[0].query, groups[0].positives, groups[0].negatives,
+                         judged=("p1", "n2_3", "unseen"))
+  stream = FinetuneStream(groups, tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=0)
+  by_text = {p.text: p.docid for g in groups for p in g.positives + g.negatives}
+  docids = sorted(by_text.values())
+  batch = next(FinetuneBatches(stream, batch_size=6))
+  assert batch["query_judged_index"].shape == (6, 3)  # the widest judged list: q0's p1, n2_3 and p0
+  for r in range(6):
+    texts = [tokenizer.decode(ids[ids != tokenizer.pad_token_id][1:-1]) for ids in batch["passage_input_ids"][r]]
+    assert [docids[i] for i in batch["passage_doc_index"][r]] == [by_text[t] for t in texts]
+    query = tokenizer.decode(batch["query_input_ids"][r][batch["query_attention_mask"][r] == 1][1:-1])
+    number = int(query.rsplit(" ", 1)[1])
+    judged = {docids[i] for i in batch["query_judged_index"][r] if i >= 0}
+    assert judged == ({"p0", "p1", "n2_3"} if number == 0 else {f"p{number}"})
+
+
+def test_dev_split_is_reproducible_and_disjoint(data_dir):
+  from mote_jax.data.finetune import split_dev
+  ids = list(load_beir(data_dir / "scifact", "train").queries)
+  train, dev = split_dev(ids, 0.1, seed=0)
+  assert sorted(train + dev) == sorted(ids) and not set(train) & set(dev)
+  assert 0.06 * len(ids) <= len(dev) <= 0.14 * len(ids)
+  assert split_dev(ids[::-1], 0.1, seed=0)[1] == dev[::-1]  # by id alone, not by position
+  assert split_dev(ids[:100], 0.1, seed=0)[1] == [q for q in dev if q in set(ids[:100])]
+  assert split_dev(ids, 0.1, seed=1)[1] != dev
+  with pytest.raises(ValueError, match="dev fraction 1.0"):
+    split_dev(ids, 1.0)
+
+
+def test_training_groups_drop_judged_passages_from_a_mined_file(tmp_path):
+  from mote_jax.jobs.finetune import training_groups
+  from mote_jax.retrieval.beir import BeirDataset, Corpus
+  corpus = Corpus(tuple(f"d{i}" for i in range(6)), ("",) * 6, tuple(f"document {i}" for i in range(6)))
+  data = BeirDataset("toy", "train", corpus, {"q": "a query", "other": "not in the file"},
+                     {"q": {"d0": 1, "d1": 0}, "other": {"d2": 1}})
+  mined = tmp_path / "mined.jsonl"
+  mined.write_text(json.dumps({"query_id": "q", "query": "a query",
+                               "positive_passages": [{"docid": "d0", "text": "document 0"}],
+                               "negative_passages": [{"docid": d, "text": f"document {d[1]}"}
+                                                     for d in ("d1", "d3", "d4")]}) + "\n"
+                   + json.dumps({"query_id": "gone", "query": "a dev query",
+                                 "positive_passages": [{"docid": "d5", "text": "document 5"}]}) + "\n")
+  (group,) = training_groups(str(tmp_path), "train", negatives=[str(mined)], data=data)
+  assert group.query_id == "q"  # queries outside the split (e.g. carved out as dev) are left out
+  assert [p.docid for p in group.negatives] == ["d3", "d4"]
+  assert set(group.judged_ids()) == {"d0", "d1"}

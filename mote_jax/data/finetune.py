@@ -2,9 +2,12 @@
 
 Sources (all give `TrainGroup`s):
   tevatron_groups   Tevatron jsonl: {"query_id", "query", "positive_passages": [{"docid", "title", "text"}],
-                    "negative_passages": [...]} per line.
+                    "negative_passages": [...]} per line, and optionally "judged_docids": [...] (every doc id
+                    the qrels judge for the query; `write_negatives` writes it).
   beir_groups       a BEIR train split (corpus + queries + qrels) with negatives from a run: BM25 (`bm25_run`,
-                    via the bm25s library) or a mined TREC run file; judged positives are dropped from the run.
+                    via the bm25s library) or a mined TREC run file. Positives are the passages judged at
+                    `min_positive_grade` or above (highest grade first); every judged passage, of any grade, is
+                    dropped from the negatives and listed in `TrainGroup.judged`.
 
 Sampling (Tevatron's recipe, made deterministic): epoch e visits the groups in a permutation drawn from
 (seed, e); a group's positive is positives[e % #positives]; its n negatives are a window of its negative list,
@@ -14,7 +17,12 @@ stream is therefore a pure function of (seed, k): `FinetuneBatches(start_step=t)
 replaying anything, and host h of n reads rows [h*B/n, (h+1)*B/n) of every global batch (disjoint, covering).
 
 Batches (int32): query_input_ids / query_attention_mask [B/n, Lq]; passage_input_ids / passage_attention_mask
-[B/n, 1 + negatives, Lp] with the positive first.
+[B/n, 1 + negatives, Lp] with the positive first; passage_doc_index [B/n, 1 + negatives], each passage's index in
+the stream's passage vocabulary (`FinetuneStream.doc_index`, -1 for a passage without a doc id), and
+query_judged_index [B/n, J], the indices of every passage judged for the query (-1 padded; J is the largest
+judged count of the groups), which the contrastive loss uses to mask false negatives over the global batch.
+
+Dev split: `split_dev` carves a reproducible dev set out of the train queries by hashing (seed, query id).
 
 `register_finetune_task` exposes the same stream as a seqio Task (a FunctionDataSource), for seqio mixtures.
 """
@@ -41,10 +49,19 @@ class Passage:
 
 @dataclasses.dataclass(frozen=True)
 class TrainGroup:
+  """One query's training data. `judged`: doc ids the qrels judge for the query at any grade (positives
+  included); never used as its negatives, and masked out of its softmax denominator when they show up in the
+  batch as other queries' passages. Empty: the positives' doc ids stand in."""
+
   query_id: str
   query: str
-  positives: tuple[Passage, ...]
+  positives: tuple[Passage, ...]  # by decreasing relevance grade
   negatives: tuple[Passage, ...]  # ranked (best first) or in file order
+  judged: tuple[str, ...] = ()
+
+  def judged_ids(self) -> tuple[str, ...]:
+    """Every doc id judged for the query: `judged` and the positives' ids (non-empty ids only)."""
+    return tuple(dict.fromkeys(d for d in self.judged + tuple(p.docid for p in self.positives) if d))
 
 
 def _join(title: str, text: str) -> str:
@@ -67,7 +84,7 @@ def tevatron_groups(path: str | os.PathLike) -> list[TrainGroup]:
         passages = lambda key: tuple(  # noqa: E731
             Passage(str(p.get("docid", "")), _join(p.get("title", ""), p["text"])) for p in record.get(key, []))
         group = TrainGroup(str(record["query_id"]), record["query"], passages("positive_passages"),
-                           passages("negative_passages"))
+                           passages("negative_passages"), judged=tuple(map(str, record.get("judged_docids", []))))
       except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: missing or malformed field {e}") from e
       if not group.query.strip():
@@ -103,27 +120,33 @@ def bm25_run(corpus_ids: Sequence[str], passages: Sequence[str], queries: Mappin
 
 def beir_groups(corpus_ids: Sequence[str], passages: Sequence[str], queries: Mapping[str, str],
                 qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
-                num_negatives: int = 30, skip_first: int = 0) -> list[TrainGroup]:
-  """Groups of a BEIR train split: positives from qrels (relevance > 0), negatives from `run` minus positives.
+                num_negatives: int = 30, skip_first: int = 0, min_positive_grade: int = 1) -> list[TrainGroup]:
+  """Groups of a BEIR train split: positives from qrels (grade >= `min_positive_grade`, highest grade first),
+  negatives from `run` minus every judged passage (any grade, 0 and below included: a judged passage is a
+  known quantity, not a sampled negative).
 
   `num_negatives` ranked candidates are kept per query (after dropping the first `skip_first`, as some recipes
   skip the very top of a run, where unjudged positives are most likely). Queries without a positive, or whose run
-  holds no non-positive document, are dropped (counted in the log).
+  holds no unjudged document, are dropped (counted in the log).
   """
+  if min_positive_grade < 1:
+    raise ValueError(f"min_positive_grade={min_positive_grade}: expected >= 1 (grade 0 means not relevant)")
   text = dict(zip(corpus_ids, passages))
   groups, without_positive, without_negative = [], 0, 0
   for qid, query in queries.items():
-    positives = tuple(Passage(d, text[d]) for d, rel in qrels.get(qid, {}).items() if rel > 0)
+    judged = qrels.get(qid, {})
+    graded = sorted((d for d, rel in judged.items() if rel >= min_positive_grade), key=lambda d: -judged[d])
+    positives = tuple(Passage(d, text[d]) for d in graded)
     if not positives:
       without_positive += 1
       continue
     ranked = sorted(run.get(qid, {}).items(), key=lambda item: -item[1])
-    candidates = [d for d, _ in ranked if qrels.get(qid, {}).get(d, 0) <= 0][skip_first:]
+    candidates = [d for d, _ in ranked if d not in judged][skip_first:]
     negatives = tuple(Passage(d, text[d]) for d in candidates[:num_negatives])
     if not negatives:
       without_negative += 1
       continue
-    groups.append(TrainGroup(qid, query, positives, negatives))
+    groups.append(TrainGroup(qid, query, positives, negatives, judged=tuple(judged)))
   if without_positive or without_negative:
     log.warning("left out %d queries without a positive judgement and %d whose run has no negative",
                 without_positive, without_negative)
@@ -142,6 +165,8 @@ def write_negatives(path: str | os.PathLike, groups: Sequence[TrainGroup]) -> Pa
       record = {"query_id": g.query_id, "query": g.query,
                 "positive_passages": [{"docid": p.docid, "title": "", "text": p.text} for p in g.positives],
                 "negative_passages": [{"docid": p.docid, "title": "", "text": p.text} for p in g.negatives]}
+      if g.judged:
+        record["judged_docids"] = list(g.judged)
       f.write(json.dumps(record) + "\n")
   os.replace(tmp, path)
   return path
@@ -152,6 +177,20 @@ class SamplingConfig:
   negatives: int = 7  # hard negatives per query (Tevatron's train_n_passages = 1 + negatives)
   query_max_len: int = 32
   passage_max_len: int = 128
+
+
+def split_dev(query_ids: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+  """(train ids, dev ids): a query goes to dev when sha256(f"{seed}:{query id}") / 2**64 < `fraction`, so the
+  split depends on the id alone (not on file order or on the other queries) and is the same on every host."""
+  import hashlib
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"dev fraction {fraction}: expected 0 < fraction < 1")
+  def to_dev(qid):
+    digest = hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
+  dev = [q for q in query_ids if to_dev(q)]
+  chosen = set(dev)
+  return [q for q in query_ids if q not in chosen], dev
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -176,12 +215,29 @@ class FinetuneStream:
     self._passage_ids = dict(zip(passage_texts, encode(passage_texts, sampling.passage_max_len)))
     self._query_ids = encode([g.query for g in self.groups], sampling.query_max_len)
     self._negative_orders = [_rng(seed, 1, i).permutation(len(g.negatives)) for i, g in enumerate(self.groups)]
+    # Passage vocabulary for false-negative masking: sorted doc ids, so every host numbers them alike.
+    docids = sorted({p.docid for g in self.groups for p in g.positives + g.negatives if p.docid})
+    self.doc_index = {d: i for i, d in enumerate(docids)}
+    judged = [[self.doc_index[d] for d in g.judged_ids() if d in self.doc_index] for g in self.groups]
+    self._judged = np.full((len(self.groups), max(map(len, judged), default=1) or 1), -1, np.int32)
+    for i, row in enumerate(judged):
+      self._judged[i, :len(row)] = row
 
   def __len__(self) -> int:
     return len(self.groups)
 
+  @property
+  def judged_width(self) -> int:
+    """J, the width of `query_judged_index`."""
+    return self._judged.shape[1]
+
   def example(self, k: int) -> tuple[list[int], list[list[int]]]:
     """(query ids, [positive ids, negative ids...]) of the k-th example of the stream."""
+    index, passages = self._draw(k)
+    return self._query_ids[index], [self._passage_ids[p.text] for p in passages]
+
+  def _draw(self, k: int) -> tuple[int, list[Passage]]:
+    """(group index, [positive, negatives...]) of the k-th example."""
     n_groups, n_neg = len(self.groups), self.sampling.negatives
     epoch, position = divmod(k, n_groups)
     index = int(_rng(self.seed, 0, epoch).permutation(n_groups)[position])
@@ -196,22 +252,28 @@ class FinetuneStream:
       picks = [order[(start + j) % len(negatives)] for j in range(n_neg)]
     else:
       picks = _rng(self.seed, 2, index, epoch).integers(len(negatives), size=n_neg)
-    passages = [positive] + [negatives[i] for i in picks]
-    return self._query_ids[index], [self._passage_ids[p.text] for p in passages]
+    return index, [positive] + [negatives[i] for i in picks]
 
   def batch(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
     """Fixed-shape padded arrays for examples `rows`."""
     s = self.sampling
     q_ids = np.full((len(rows), s.query_max_len), self.pad_id, np.int32)
     p_ids = np.full((len(rows), 1 + s.negatives, s.passage_max_len), self.pad_id, np.int32)
+    p_index = np.full((len(rows), 1 + s.negatives), -1, np.int32)
+    q_judged = np.empty((len(rows), self._judged.shape[1]), np.int32)
     for r, k in enumerate(rows):
-      query, passages = self.example(k)
+      index, passages = self._draw(k)
+      query = self._query_ids[index]
       q_ids[r, :len(query)] = query
-      for j, ids in enumerate(passages):
+      q_judged[r] = self._judged[index]
+      for j, p in enumerate(passages):
+        ids = self._passage_ids[p.text]
         p_ids[r, j, :len(ids)] = ids
+        p_index[r, j] = self.doc_index.get(p.docid, -1)
     # Every real sequence starts with [CLS], so a non-pad position is exactly an attended one.
     return {"query_input_ids": q_ids, "query_attention_mask": (q_ids != self.pad_id).astype(np.int32),
-            "passage_input_ids": p_ids, "passage_attention_mask": (p_ids != self.pad_id).astype(np.int32)}
+            "passage_input_ids": p_ids, "passage_attention_mask": (p_ids != self.pad_id).astype(np.int32),
+            "passage_doc_index": p_index, "query_judged_index": q_judged}
 
 
 class FinetuneBatches(Iterator[dict]):
@@ -264,6 +326,8 @@ def register_finetune_task(name: str, stream: FinetuneStream):
         "query_attention_mask": tf.TensorSpec((s.query_max_len,), tf.int32),
         "passage_input_ids": tf.TensorSpec((1 + s.negatives, s.passage_max_len), tf.int32),
         "passage_attention_mask": tf.TensorSpec((1 + s.negatives, s.passage_max_len), tf.int32),
+        "passage_doc_index": tf.TensorSpec((1 + s.negatives,), tf.int32),
+        "query_judged_index": tf.TensorSpec((stream.judged_width,), tf.int32),
     }
     return tf.data.Dataset.from_generator(generate, output_signature=signature)
 

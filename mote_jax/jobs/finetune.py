@@ -1,5 +1,12 @@
 """Jobs: contrastive fine-tuning (Tevatron recipe), hard-negative mining, evaluation, HF export.
 
+Model selection: with a `DevSelection`, a dev split (the dataset's own qrels/<split>.tsv, else a hash-split of
+the train queries, left out of training) is evaluated at step 0 and every `TrainerConfig.eval_every` steps by the
+same pipeline as the test evaluation (encode the corpus, search, ir_measures). The params of the best dev step,
+step 0 included, are kept in MODEL_DIR/best and are the ones exported, evaluated and returned, so fine-tuning
+never ships a model worse on dev than the one it started from. MODEL_DIR/report.{json,md} give the dev curve, the
+chosen step, whether step 0 won, the test metrics and the process's peak RSS.
+
 Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model and
 writes the top-ranked non-positives as a Tevatron jsonl; stage 2 trains from the initial checkpoint again with
 BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
@@ -8,8 +15,11 @@ BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import resource
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,12 +32,12 @@ from etils import epath
 
 from mote_jax import hf_interop
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
-                                    beir_groups, bm25_run, tevatron_groups, write_negatives)
+                                    beir_groups, bm25_run, split_dev, tevatron_groups, write_negatives)
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
-from mote_jax.retrieval.evaluate import evaluate
+from mote_jax.retrieval.evaluate import evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
 from mote_jax.training.builder import build_trainer
 from mote_jax.training.optimizer import OptimizerConfig
@@ -70,7 +80,8 @@ def _tokenizer(path):
 
 
 def _merge(groups_lists: Sequence[Sequence[TrainGroup]]) -> list[TrainGroup]:
-  """Per query, the negatives of every source (in source order, duplicates dropped); positives of the first."""
+  """Per query, the negatives of every source (in source order, duplicates dropped); positives of the first.
+  Judged passages of any source are never negatives (a mined file may list them)."""
   merged: dict[str, TrainGroup] = {}
   for groups in groups_lists:
     for g in groups:
@@ -78,19 +89,23 @@ def _merge(groups_lists: Sequence[Sequence[TrainGroup]]) -> list[TrainGroup]:
         merged[g.query_id] = g
         continue
       old = merged[g.query_id]
-      seen = {p.docid for p in old.negatives}
+      judged = tuple(dict.fromkeys(old.judged_ids() + g.judged_ids()))
+      seen = {p.docid for p in old.negatives} | set(judged)
       extra = tuple(p for p in g.negatives if p.docid not in seen)
-      merged[g.query_id] = dataclasses.replace(old, negatives=old.negatives + extra)
+      negatives = tuple(p for p in old.negatives if p.docid not in judged) + extra
+      merged[g.query_id] = dataclasses.replace(old, negatives=negatives, judged=judged)
   return list(merged.values())
 
 
 @gin.configurable
 def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str] = ("bm25",),
-                    bm25_depth: int = 100, num_negatives: int = 30, cache_dir: str | None = None
-                    ) -> list[TrainGroup]:
+                    bm25_depth: int = 100, num_negatives: int = 30, cache_dir: str | None = None,
+                    min_positive_grade: int = 1, data: beir.BeirDataset | None = None) -> list[TrainGroup]:
   """Training groups of a BEIR split with negatives from each source in `negatives`: 'bm25' (bm25s over the
-  corpus; the run is cached as a TREC file in `cache_dir`), or the path of a Tevatron jsonl (e.g. mined)."""
-  data = beir.load_beir(beir_dir, split)
+  corpus; the run is cached as a TREC file in `cache_dir`), or the path of a Tevatron jsonl (e.g. mined).
+  Positives are judged at `min_positive_grade` or above; no judged passage of any grade is a negative.
+  `data`: the split already loaded (perhaps with dev queries taken out), instead of reading `beir_dir`."""
+  data = data if data is not None else beir.load_beir(beir_dir, split)
   sources = []
   for source in negatives:
     if source == "bm25":
@@ -102,13 +117,20 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
         if cached is not None and jax.process_index() == 0:
           _write_run(cached, run, tag="bm25s")
       sources.append(beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
-                                 num_negatives=num_negatives))
+                                 num_negatives=num_negatives, min_positive_grade=min_positive_grade))
     else:
-      sources.append(tevatron_groups(source))
-  groups = _merge(sources)
+      sources.append([g for g in tevatron_groups(source) if g.query_id in data.queries])
+  groups = [_exclude_judged(g, data.qrels.get(g.query_id, {})) for g in _merge(sources)]
   log.info("%d training groups from %s/%s, negatives from %s (mean %.1f per query)", len(groups), beir_dir,
            split, list(negatives), np.mean([len(g.negatives) for g in groups]))
   return groups
+
+
+def _exclude_judged(group: TrainGroup, qrels: dict[str, int]) -> TrainGroup:
+  """`group` with every passage its qrels judge (any grade) among `judged` and none among its negatives."""
+  judged = tuple(dict.fromkeys(group.judged_ids() + tuple(qrels)))
+  negatives = tuple(p for p in group.negatives if p.docid not in set(judged))
+  return dataclasses.replace(group, negatives=negatives, judged=judged)
 
 
 def _read_run(path: epath.Path) -> metrics.Run:
@@ -142,6 +164,147 @@ def _check_local(path: str | os.PathLike, what: str) -> None:
 
 
 @gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DevSelection:
+  """Model selection on a dev split during fine-tuning (see the module docstring).
+
+  split: the dataset's own dev qrels (`<train_data>/qrels/<split>.tsv`), used when the file exists; otherwise
+  `fraction` of the train queries, chosen by `split_dev(seed)`, become the dev split and leave training.
+  max_queries: evaluate only the first this many dev queries (in queries.jsonl order), to bound the cost; the
+  corpus is always encoded whole. measure: the ir_measures name to maximise (ties keep the earlier step).
+  """
+
+  split: str = "dev"
+  fraction: float = 0.1
+  seed: int = 0
+  max_queries: int | None = None
+  measure: str = "nDCG@10"
+
+
+def peak_rss_gb() -> float:
+  """This process's peak resident set size so far, in GB (getrusage: kilobytes on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _dev_split(train_data: str, train_split: str, dev: DevSelection
+               ) -> tuple[beir.BeirDataset, beir.BeirDataset, str]:
+  """(train split without the dev queries, dev split, how the dev split was made)."""
+  train = beir.load_beir(train_data, train_split)
+  own = epath.Path(train_data) / "qrels" / f"{dev.split}.tsv"
+  if own.exists():
+    data, how = beir.load_beir(train_data, dev.split), f"{own}"
+    overlap = set(data.queries) & set(train.queries)
+    if overlap:
+      train = dataclasses.replace(train, queries={q: t for q, t in train.queries.items() if q not in overlap})
+  else:
+    kept, held = split_dev(list(train.queries), dev.fraction, dev.seed)
+    data = dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in held},
+                               qrels={q: train.qrels[q] for q in held if q in train.qrels})
+    train = dataclasses.replace(train, queries={q: train.queries[q] for q in kept},
+                                qrels={q: train.qrels[q] for q in kept if q in train.qrels})
+    how = (f"{len(held)} of the {len(kept) + len(held)} {train_split} queries (split_dev fraction={dev.fraction}, "
+           f"seed={dev.seed})")
+  if dev.max_queries is not None and len(data.queries) > dev.max_queries:
+    ids = list(data.queries)[:dev.max_queries]
+    data = dataclasses.replace(data, queries={q: data.queries[q] for q in ids},
+                               qrels={q: data.qrels[q] for q in ids if q in data.qrels})
+    how += f", first {dev.max_queries} evaluated"
+  if not data.queries:
+    raise ValueError(f"DevSelection: the dev split of {train_data} is empty ({how})")
+  return train, data, how
+
+
+class _Selection:
+  """Evaluates the dev split at a step and keeps the best params (a one-slot orbax checkpoint in `directory`).
+
+  The dev curve lives in `directory/curve.json` (written by process 0), so a resumed run knows its best step.
+  Every process evaluates (each encodes its share) and gets the same report, so every process makes the same
+  save decision (saves are collectives)."""
+
+  def __init__(self, run_dir: epath.Path, evaluate_at, measure: str, discard=None):
+    """`evaluate_at(step, params) -> evaluation report`; `discard(step)` drops a step's outputs that are no longer
+    needed (its corpus encoding, once another step is better) on process 0."""
+    self.directory = run_dir / "best"
+    self._discard = discard
+    self.measure = measure
+    self._evaluate_at = evaluate_at
+    self._checkpointer = Checkpointer(self.directory / "params", save_every=1 << 62, keep=1, async_save=False)
+    curve_file = self.directory / "curve.json"
+    self.curve: list[dict] = json.loads(curve_file.read_text())["curve"] if curve_file.exists() else []
+
+  @property
+  def best(self) -> dict | None:
+    return max(reversed(self.curve), key=lambda r: r["metrics"][self.measure], default=None)
+
+  def __call__(self, step: int, params) -> dict[str, float]:
+    report = self._evaluate_at(step, params)
+    values = report["metrics"]
+    if self.measure not in values:
+      raise KeyError(f"DevSelection.measure={self.measure!r} is not among the dev metrics {sorted(values)}")
+    previous = self.best
+    self.curve = [r for r in self.curve if r["step"] != step] + [{"step": step, "metrics": values}]
+    improved = previous is None or values[self.measure] > previous["metrics"][self.measure]
+    if improved:
+      self._checkpointer.maybe_save(step, params, force=True)
+      log.info("dev %s %.4f at step %d: the best so far", self.measure, values[self.measure], step)
+    stale = (previous["step"] if previous is not None else None) if improved else step
+    if self._discard is not None and jax.process_index() == 0 and stale not in (None, self.best["step"]):
+      self._discard(stale)
+    if jax.process_index() == 0:
+      _write_json(self.directory / "curve.json", {"measure": self.measure, "curve": self.curve})
+    return {f"dev/{name}": value for name, value in values.items()}
+
+  def best_params(self, like):
+    """The best step's params, restored with the shardings of `like` (the current params)."""
+    step = self.best["step"]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    return self._checkpointer.restore(abstract, step)
+
+  def close(self):
+    self._checkpointer.close()
+
+
+def _write_json(path: epath.Path, value) -> None:
+  """JSON to `path` through a temporary file and a rename."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps(value, indent=2) + "\n")
+  tmp.replace(path)
+
+
+def _write_report(run_dir: epath.Path, report: dict) -> None:
+  """MODEL_DIR/report.json and a markdown rendering, report.md (process 0)."""
+  if jax.process_index() != 0:
+    return
+  _write_json(run_dir / "report.json", report)
+  lines = ["# Fine-tuning report", ""]
+  selection = report.get("selection")
+  if selection:
+    measure = selection["measure"]
+    lines += [f"Dev split: {selection['dev_split']}.", "",
+              f"Chosen step: **{selection['chosen_step']}** (dev {measure} {selection['chosen_value']:.4f}); "
+              + ("step 0, the starting model, won: fine-tuning did not improve the dev metric, so the starting "
+                 "parameters were shipped." if selection["step0_won"] else
+                 f"fine-tuning improved on step 0 (dev {measure} {selection['step0_value']:.4f})."), "",
+              f"| step | dev {measure} | " + " | ".join(n for n in selection["other_measures"]) + " |",
+              "|---:|---:|" + "---:|" * len(selection["other_measures"])]
+    for row in selection["curve"]:
+      mark = " (chosen)" if row["step"] == selection["chosen_step"] else ""
+      lines.append(f"| {row['step']}{mark} | {row['metrics'][measure]:.4f} | "
+                   + " | ".join(f"{row['metrics'][n]:.4f}" for n in selection["other_measures"]) + " |")
+    lines.append("")
+  if report.get("test"):
+    test = report["test"]
+    lines += [f"Test ({test['dataset']}/{test['split']}, {test['num_queries']} queries): "
+              + ", ".join(f"{n} {v:.4f}" for n, v in test["metrics"].items()), ""]
+  lines += [f"Peak RSS of the process: {report['peak_rss_gb']:.2f} GB "
+            f"(after data and model preparation: {report['rss_gb']['prepared']:.2f} GB).", ""]
+  tmp = run_dir / f".report.md.tmp-{os.getpid()}"
+  tmp.write_text("\n".join(lines))
+  tmp.replace(run_dir / "report.md")
+
+
+@gin.configurable
 def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: str = gin.REQUIRED,
              train_split: str = "train", groups_fn=training_groups, batch_size: int = 16,
              sampling: SamplingConfig = SamplingConfig(), contrastive: ContrastiveConfig = ContrastiveConfig(),
@@ -151,12 +314,15 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              eval_measures: Sequence[str] = metrics.DEFAULT_MEASURES,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
-             export_hf: bool = True) -> dict:
-  """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert).
+             export_hf: bool = True, dev: DevSelection | None = None) -> dict:
+  """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert), masking
+  passages judged for a query out of its denominator when `contrastive.mask_judged`.
 
-  Resumes from MODEL_DIR/checkpoints. At the end: MODEL_DIR/hf towers, an evaluation of `eval_data` (report in
-  MODEL_DIR/eval), and optionally hard negatives of the train split mined with the fine-tuned model.
-  Returns {"eval": report or None, "negatives": path or None}.
+  With `dev`, the dev split is evaluated at step 0 and every `trainer.eval_every` steps (MODEL_DIR/dev/step-N;
+  `dev/<measure>` in metrics.jsonl and TensorBoard) and the best dev step's params are the result (see the module
+  docstring). Resumes from MODEL_DIR/checkpoints. At the end: MODEL_DIR/hf towers, an evaluation of `eval_data`
+  (report in MODEL_DIR/eval), MODEL_DIR/report.{json,md}, and optionally hard negatives of the train split mined
+  with the result. Returns {"eval": report or None, "negatives": path or None, "selection": dict or None}.
   """
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   if eval_data:
@@ -167,7 +333,17 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
-  groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
+  dev_data = dev_how = None
+  if dev is not None:
+    _check_local(run_dir / "dev", "finetune's dev evaluation")
+    if not trainer.eval_every:
+      raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
+    train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
+    log.info("dev split: %s", dev_how)
+    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
+    del train_set
+  else:
+    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
   stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
 
   contrastive_model = ContrastiveModel(config, contrastive)
@@ -190,21 +366,58 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
     return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
                            num_shards=jax.process_count())
 
+  rss = {"prepared": peak_rss_gb()}
+  selection = None
+  if dev is not None:
+    dev_dir = Path(model_dir) / "dev"
+
+    def evaluate_at(step, params):
+      return evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
+                              method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                              partitioner=partitioner, measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+    selection = _Selection(run_dir, evaluate_at, dev.measure,
+                           discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+
   try:
-    state = loop.train(state, batches, checkpointer)
+    state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
   finally:
     checkpointer.close()
   params = state.params
+  rss["trained"] = peak_rss_gb()
+  selection_report = None
+  if selection is not None:
+    best, first = selection.best, selection.curve[0] if selection.curve else None
+    final_step = int(jax.device_get(state.step))
+    if best["step"] != final_step:
+      params = selection.best_params(params)
+    selection.close()
+    curve = sorted(selection.curve, key=lambda r: r["step"])
+    first = curve[0]
+    selection_report = {
+        "dev_split": dev_how, "measure": dev.measure, "chosen_step": best["step"],
+        "chosen_value": best["metrics"][dev.measure], "step0_won": best["step"] == 0,
+        "step0_value": first["metrics"][dev.measure] if first["step"] == 0 else None,
+        "final_step": final_step, "curve": curve,
+        "other_measures": [m for m in best["metrics"] if m != dev.measure]}
+    log.info("model selection: step %d of %d (dev %s %.4f)%s", best["step"], final_step, dev.measure,
+             best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
+             else "")
   if export_hf:
     # Each tower serves at the length it was trained at.
     hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
                               max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
                               overwrite=True)
   report = None
+  eval_corpus = Path(model_dir) / "eval" / "corpus"
   if eval_data:
+    # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
+    if selection_report is not None and Path(eval_data) == Path(train_data):
+      chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
+      eval_corpus = chosen if chosen.exists() else eval_corpus
     report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
                       method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                      partitioner=partitioner, measures=eval_measures)
+                      partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
+  rss["evaluated"] = peak_rss_gb()
   negatives = None
   if mine_negatives_to:
     # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
@@ -212,8 +425,12 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
     negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
                                out_dir=Path(model_dir) / "mining", encode_options=encode_options,
                                partitioner=partitioner,
-                               corpus_dir=Path(model_dir) / "eval" / "corpus" if same_corpus else None)
-  return {"eval": report, "negatives": negatives}
+                               corpus_dir=eval_corpus if same_corpus else None)
+  _write_report(run_dir, {
+      "selection": selection_report,
+      "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
+      "peak_rss_gb": peak_rss_gb(), "rss_gb": rss})
+  return {"eval": report, "negatives": negatives, "selection": selection_report}
 
 
 @gin.configurable

@@ -46,9 +46,24 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
   With method "scann" and at most `recall_check_max_docs` documents, the report also holds ScaNN's recall@10
   against exact search of the same embeddings (report["search"]["recall_vs_exact_at_10"]).
   """
+  data = beir.load_beir(beir_dir, split, allow_unknown_ids=allow_unknown_ids)
+  return evaluate_dataset(config, params, tokenizer, data, out_dir=out_dir, method=method, k=k,
+                          encode_options=encode_options, scann_config=scann_config, partitioner=partitioner,
+                          measures=measures, corpus_dir=corpus_dir, recall_check_max_docs=recall_check_max_docs,
+                          beir_dir=beir_dir)
+
+
+def evaluate_dataset(config: MoteConfig, params: PyTree, tokenizer, data: beir.BeirDataset, *,
+                     out_dir: str | os.PathLike, method: str = "exact", k: int = 1000,
+                     encode_options: encode.EncodeOptions = encode.EncodeOptions(),
+                     scann_config: search.ScannConfig = search.ScannConfig(),
+                     partitioner: Partitioner | None = None, measures: Sequence[str] = metrics.DEFAULT_MEASURES,
+                     corpus_dir: str | os.PathLike | None = None, recall_check_max_docs: int = 2_000_000,
+                     beir_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+  """`evaluate` of a loaded (possibly subset, e.g. a dev split carved from train) BEIR split `data`."""
   start = time.perf_counter()
   out_dir = Path(out_dir)
-  data = beir.load_beir(beir_dir, split, allow_unknown_ids=allow_unknown_ids)
+  split = data.split
   embedder = encode.Embedder(config, params, partitioner)
   fingerprint = encode.params_fingerprint(params)
 
@@ -81,7 +96,7 @@ def evaluate(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str | os.P
         search_report["recall_vs_exact_at_10"] = round(search.recall_at_k(indices, exact_indices, 10), 4)
         log.info("ScaNN recall@10 against exact search: %.4f", search_report["recall_vs_exact_at_10"])
     report = {
-        "dataset": data.name, "beir_dir": str(beir_dir), "split": split,
+        "dataset": data.name, "beir_dir": None if beir_dir is None else str(beir_dir), "split": split,
         "num_queries": len(data.queries), "num_documents": len(data.corpus),
         "num_judgements": sum(map(len, data.qrels.values())),
         "metrics": values,

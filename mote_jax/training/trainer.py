@@ -222,7 +222,11 @@ class Trainer:
 
   # --- loop -------------------------------------------------------------------------------------------------
   def train(self, state: TrainState, train_batches: Callable[[int], Iterator[Batch]],
-            checkpointer: Checkpointer, eval_batches: Callable[[], Iterable[Batch]] | None = None) -> TrainState:
+            checkpointer: Checkpointer, eval_batches: Callable[[], Iterable[Batch]] | None = None,
+            evaluate_fn: Callable[[int, Any], Mapping[str, float]] | None = None) -> TrainState:
+    """Runs steps until `num_steps`. `evaluate_fn(step, params) -> metrics` (e.g. a retrieval evaluation on a dev
+    split) is called, on every process, at step 0 of a fresh run and with `eval_batches` every `eval_every` steps
+    and at the last step; its metrics are written like the others."""
     cfg = self.config
     start = int(jax.device_get(state.step))
     step_fn = self.compile_step(state)
@@ -233,6 +237,8 @@ class Trainer:
       try:
         if start == 0 and eval_batches is not None and cfg.eval_every:
           writer.write(0, self.evaluate(state.params, eval_batches()))
+        if start == 0 and evaluate_fn is not None and cfg.eval_every:
+          writer.write(0, evaluate_fn(0, state.params))
         # A step's non-finite counter is read after the next step is dispatched, so the host never waits for
         # the device in between and prepares the next batch while a step runs. Before anything that exposes the
         # state (a log line, an evaluation, a checkpoint, a stop) the current step's counter is read at once, so
@@ -248,7 +254,7 @@ class Trainer:
             self._stop_if_diverged(*pending, checkpointer)
           pending = (done, metrics.pop("consecutive_nonfinite"))
           log_now = done % cfg.log_every == 0 or done == cfg.num_steps
-          evaluating = eval_batches is not None and cfg.eval_every and (
+          evaluating = (eval_batches is not None or evaluate_fn is not None) and cfg.eval_every and (
               done % cfg.eval_every == 0 or done == cfg.num_steps)
           stopping = stop.agreed(done)  # the same answer on every process, so the forced save below is collective
           if log_now or evaluating or stopping or checkpointer.due(done):
@@ -257,8 +263,10 @@ class Trainer:
           if log_now:
             writer.write(done, self._throughput(jax.device_get(metrics), window, state))
             window = dict(start=time.perf_counter(), steps=0, tokens=0)
-          if evaluating:
+          if evaluating and eval_batches is not None:
             writer.write(done, self.evaluate(state.params, eval_batches()))
+          if evaluating and evaluate_fn is not None:
+            writer.write(done, evaluate_fn(done, state.params))
           checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stopping)
           writer.advance(done)
           if stopping:
