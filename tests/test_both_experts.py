@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mote_jax import jobs  # noqa: F401  (registers the gin configurables)
+from mote_jax.jobs.preprocess import preprocess
 from mote_jax.jobs.pretrain import mixed_streams, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ QUERY, PASSAGE = 0, 1  # expert index on the FFN's leading axis (model.config.EX
 
 
 @pytest.fixture(scope="module")
-def corpus_and_queries(tmp_path_factory, data_dir):
+def corpus_and_queries(tmp_path_factory, data_dir, minilm_path):
   root = tmp_path_factory.mktemp("experts")
   docs = []
   with open(data_dir / "scifact" / "corpus.jsonl", encoding="utf-8") as f:
@@ -36,16 +37,22 @@ def corpus_and_queries(tmp_path_factory, data_dir):
               "predicted_queries": [d["title"].lower(), " ".join(d["text"].split()[:6]),
                                     " ".join(d["text"].split()[6:12])]} for d in docs]
   (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+  # The recipe reads records: the offline preprocessing job writes them, as a user would run it.
+  for name, input_format in (("docs", "beir_jsonl"), ("queries", "query_jsonl")):
+    preprocess(str(root / name), input=str(root / f"{name if name == 'queries' else 'corpus'}.jsonl"),
+               output=str(root / name), input_format=input_format, tokenizer=minilm_path, max_len=32,
+               min_pair_share=0.5, num_shards=2, direct_num_workers=1, direct_running_mode="in_memory")
   return root
 
 
 def _run(root: Path, model_dir: Path, steps: int, share: float):
   bindings = [
-      f"MODEL_DIR = '{model_dir}'", f"CORPUS = '{root / 'corpus.jsonl'}'", f"QUERIES = '{root / 'queries.jsonl'}'",
+      f"MODEL_DIR = '{model_dir}'", f"DOC_RECORDS = '{root / 'docs'}'", f"QUERY_RECORDS = '{root / 'queries'}'",
       f"NUM_STEPS = {steps}", "MAX_LEN = 32", "TEXTS_PER_STEP = 32", f"QUERY_PAIR_SHARE = {share}",
       "pretrain.init_checkpoint = None", "pretrain.export_hf = False",
-      "spans/register_beir_corpus_task.name = 'test_experts_spans'",
-      "query_pair_task.name = 'test_experts_queries'",
+      "spans/register_records_task.name = 'test_experts_spans'",
+      "p2q/register_records_task.name = 'test_experts_queries.passage_to_query'",
+      "q2p/register_records_task.name = 'test_experts_queries.query_to_passage'",
       "ObjectiveConfig.encoder_max_predictions = 16", "ObjectiveConfig.decoder_max_predictions = 24",
       "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.learning_rate = 1e-3",
       "TrainerConfig.log_every = 1", "TrainerConfig.checkpoint_every = 100", "TrainerConfig.progress_bar = False",
