@@ -166,7 +166,8 @@ def test_gin_files_parse():
   from mote_jax import jobs  # noqa: F401  (registers the configurables)
   from mote_jax.launch import parse_flags, parse_gin
   for name, extra in (("runs/ablation_scifact_cpu.gin", []),
-                      ("runs/ablation_msmarco.gin", ["--gin.MSMARCO=/m", "--gin.DL19=/a", "--gin.DL20=/b"])):
+                      ("runs/ablation_msmarco.gin", ["--gin.MSMARCO=/m", "--gin.DL19=/a", "--gin.DL20=/b",
+                                                    "--gin.DOC_RECORDS=/d", "--gin.QUERY_RECORDS=/q"])):
     gin.clear_config(clear_constants=True)
     try:
       parse_gin(parse_flags([f"--gin_file={name}", "--gin.MODEL_DIR=/tmp/x", *extra]))
