@@ -5,7 +5,7 @@ XLA:CPU allocates every execution's temporaries with malloc (on the order of a g
 pre-training step) and frees them when the step ends. By default glibc hands blocks that large back to the kernel
 (they are mmap'd chunks, or trimmed from the heap), so each step page-faults them all in again. One arena, no
 mmap'd chunks and no trimming keep those pages in the process (and transparent huge pages back the heap).
-Measurements: benchmarks/RESULTS.md (section 7b) and benchmarks/analysis.md.
+Measured by `python -m benchmarks --only flags`.
 
 The price: the process never returns freed memory to the system, and its one heap can fragment (now and then a
 step's temporaries no longer fit in the space the previous step freed, and the heap grows by another copy of

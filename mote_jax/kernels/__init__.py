@@ -18,8 +18,8 @@ set for JAX's default backend. Values are strings, so a config is hashable and s
              'scalar'    PyTorch's `clip_grad_norm_` form, one scalar coefficient (`kernels.clip`)
 
 The fused attentions have no dropout on the attention probabilities: in training with `attention_dropout > 0` they
-skip it (a warning says so once). The hidden-state dropouts are unaffected. Where each CPU choice was measured:
-benchmarks/analysis.md.
+skip it (a warning says so once). The hidden-state dropouts are unaffected. Each CPU choice is A/B'd by the benchmarks'
+variants section (`python -m benchmarks --only variants`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class KernelConfig:
 
     TPU and GPU: plain XLA autodiff, `jax.random` dropout, `optax` clipping, and the fused attention (Pallas
     flash attention on TPU, `jax.nn.dot_product_attention` on GPU). CPU: the tuned set, only the choices that
-    still measured a gain on XLA:CPU (benchmarks/analysis.md).
+    still measure a gain on XLA:CPU (`python -m benchmarks --only variants`).
     """
     platform = platform.lower()
     if platform == "cpu":

@@ -31,7 +31,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> dict[str, jax.A
 
   A hit is `target logit >= max logit` (argmax == label up to exact ties): the max is the one logsumexp needs
   anyway, while a separate argmax is a (value, index) reduction over the vocabulary that XLA:CPU runs slowly
-  (benchmarks/analysis.md).
+  (the benchmarks' variants section measures it).
   """
   return {name: value.sum() for name, value in token_cross_entropy_terms(logits, labels).items()}
 

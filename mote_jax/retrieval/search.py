@@ -136,7 +136,7 @@ class ScannConfig:
   leaves with their k-means trained on every row search a smaller share of the data at the same recall
   (`ScannConfig(num_leaves=5000, training_sample_size=N, spherical=True, dimensions_per_block=4, reorder=200)`),
   at the cost of a longer build; `leaf_score_margin` lets each query search only the leaves near its best one
-  (measurements: benchmarks/RESULTS.md, section 4).
+  (measured by `python -m benchmarks --only search`).
   """
 
   num_leaves: int | None = None
@@ -150,13 +150,13 @@ class ScannConfig:
   anisotropic_quantization_threshold: float = 0.2
   reorder: int = 250
   # The rows' copy that reordering scores: "float32" (exact), "bfloat16" or "int8" (fixed point). A quantised
-  # copy is a memory knob, not a speed one (search time is the AH scan's; benchmarks/RESULTS.md, section 4). The
+  # copy is a memory knob, not a speed one (search time is the AH scan's; `--only search`). The
   # returned neighbours are then rescored exactly against the float32 rows, so scores stay true inner products.
   reorder_dtype: str = "float32"
   # Query-adaptive leaf selection: a query searches every leaf whose centroid's inner product with it is within
   # this margin of its best leaf's, at most num_leaves_to_search (ScaNN's ADDITIVE query spilling). A query deep
   # inside one cluster then searches few leaves and one on a boundary many. None: every query searches exactly
-  # num_leaves_to_search leaves (benchmarks/RESULTS.md, section 4).
+  # num_leaves_to_search leaves (`python -m benchmarks --only search` compares both).
   leaf_score_margin: float | None = None
   training_threads: int = 0  # 0: all cores
   search_threads: int = 0
