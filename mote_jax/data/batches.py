@@ -32,7 +32,41 @@ def host_seed(seed: int, shard_index: int, num_shards: int) -> int:
   return int(np.random.SeedSequence([seed, shard_index, num_shards]).generate_state(1, np.uint32)[0])
 
 
-class PairBatches(Iterator[dict]):
+class HostBatches(Iterator[dict]):
+  """Numpy batches of one host from a tf.data pipeline; `step` is the step of the next batch (save it to resume).
+
+  The tf.data iterator lives in a holder that a finalizer empties when this object dies or, at the latest, at
+  interpreter exit: an iterator still alive when Python finalizes deadlocks the exit (its destructor waits for
+  tf.data threads blocked on Python calls inside the pipeline, which need the interpreter).
+  """
+
+  def _start(self, dataset, start_step: int) -> None:
+    self.step = start_step
+    self._holder = [dataset.as_numpy_iterator()]
+    self._finalizer = weakref.finalize(self, self._holder.clear)
+
+  def __iter__(self) -> "HostBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self._holder:
+      raise StopIteration
+    batch = next(self._holder[0])
+    self.step += 1
+    return batch
+
+  def close(self) -> None:
+    """Releases the input pipeline (also done when the object is collected or the interpreter exits)."""
+    self._finalizer()
+
+  def __enter__(self) -> "HostBatches":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PairBatches(HostBatches):
   """Iterator over one host's batches; `step` is the step of the next batch (save it to resume)."""
 
   def __init__(self, task: PairTask | str, *, batch_size: int, seed: int, start_step: int = 0,
@@ -62,35 +96,10 @@ class PairBatches(Iterator[dict]):
     self.anchor_type = task.anchor_type
     self.context_type = task.context_type
     self.local_batch_size = batch_size // num_shards
-    self.step = start_step
     dataset = seqio.get_dataset(
         task, task_feature_lengths=task.task_feature_lengths, feature_converter=PairFeatureConverter(),
         dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
         shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
         seed=host_seed(seed, shard_index, num_shards),
         batch_size=self.local_batch_size, verbose=False)
-    # The tf.data iterator lives in a holder that a finalizer empties when this object dies or, at the latest, at
-    # interpreter exit: an iterator still alive when Python finalizes deadlocks the exit (its destructor waits for
-    # tf.data threads blocked on the Python generator and tokenizer calls, which need the interpreter).
-    self._holder = [dataset.skip(start_step).as_numpy_iterator()]
-    self._finalizer = weakref.finalize(self, self._holder.clear)
-
-  def __iter__(self) -> "PairBatches":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if not self._holder:
-      raise StopIteration
-    batch = next(self._holder[0])
-    self.step += 1
-    return batch
-
-  def close(self) -> None:
-    """Releases the input pipeline (also done when the object is collected or the interpreter exits)."""
-    self._finalizer()
-
-  def __enter__(self) -> "PairBatches":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
+    self._start(dataset.skip(start_step), start_step)

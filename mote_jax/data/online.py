@@ -28,14 +28,14 @@ import functools
 import hashlib
 import json
 import os
-import weakref
-from typing import Iterator, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from mote_jax.data import records
+from mote_jax.data.batches import HostBatches
 from mote_jax.data.feature_converter import MODEL_FEATURE_NAMES
 from mote_jax.data.masking import MaskingConfig
 from mote_jax.data.sampling import PairSampler, SpanSampling, full_target_span_counts
@@ -320,28 +320,12 @@ def register_records_task(name: str, directory: str, *, vocab: WordPieceVocabula
   return task
 
 
-class RecordBatches(Iterator[dict]):
+class RecordBatches(HostBatches):
   """One host's batches of a record task from `start_step`, like `batches.PairBatches` (`step` is the next)."""
 
   def __init__(self, task: RecordPairTask, *, batch_size: int, seed: int, start_step: int = 0,
                shard_index: int = 0, num_shards: int = 1):
     self.task = task
     self.anchor_type, self.context_type = task.anchor_type, task.context_type
-    self.step = start_step
-    dataset = task.batches(batch_size=batch_size, seed=seed, start_step=start_step, shard_index=shard_index,
-                           num_shards=num_shards)
-    self._holder = [dataset.as_numpy_iterator()]
-    self._finalizer = weakref.finalize(self, self._holder.clear)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if not self._holder:
-      raise StopIteration
-    batch = next(self._holder[0])
-    self.step += 1
-    return batch
-
-  def close(self) -> None:
-    self._finalizer()
+    self._start(task.batches(batch_size=batch_size, seed=seed, start_step=start_step, shard_index=shard_index,
+                             num_shards=num_shards), start_step)
