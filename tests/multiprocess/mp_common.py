@@ -184,7 +184,7 @@ def recording(root: Path, every_step: bool = False, sigterm_after: tuple[str, in
       dump(root / Path(os.fspath(self.directory)).parent.name / "params" / f"{step:04d}.npz", state.params)
     return original_save(self, step, state, force=force)
 
-  def train(self, state, train_batches, checkpointer, eval_batches=None):
+  def train(self, state, train_batches, checkpointer, eval_batches=None, **kwargs):
     run = root / Path(os.fspath(self.model_dir)).name
     host_dir = run / f"p{jax.process_index()}"
     host_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def recording(root: Path, every_step: bool = False, sigterm_after: tuple[str, in
     params = dump(run / "initial.npz", state.params)  # before the loop: the step donates the state's buffers
     if initial is not None:
       initial[run.name] = params
-    state = original_train(self, state, recorded, checkpointer, eval_batches)
+    state = original_train(self, state, recorded, checkpointer, eval_batches, **kwargs)
     dump(run / "final.npz", state.params)
     return state
 
