@@ -180,7 +180,7 @@ def recording(root: Path, every_step: bool = False, sigterm_after: tuple[str, in
     return gathered
 
   def maybe_save(self, step, state, *, force=False):
-    if every_step or force:
+    if (every_step or force) and hasattr(state, "params"):  # training states only (not e.g. the best-dev params)
       dump(root / Path(os.fspath(self.directory)).parent.name / "params" / f"{step:04d}.npz", state.params)
     return original_save(self, step, state, force=force)
 
