@@ -196,7 +196,8 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
     eval_batches: held-out batches per evaluation (streams with an `eval_task`).
     export_hf: write MODEL_DIR/hf/{query,passage} HF towers at the end.
     allow_data_state_change: resume even when the data state (batch sizes, seed, process count, sampling
-      settings, records) differs from the checkpoint's (by default that stops with the changed fields).
+      settings, records) differs from the checkpoint's (by default that stops with the changed fields). A run
+      whose checkpoint is already at `num_steps` reads no data and is not checked.
   """
   if (init_checkpoint is None) == (model is None):
     raise ValueError("pretrain: set exactly one of init_checkpoint (an HF BERT) and model (a MoteConfig)")
@@ -254,8 +255,9 @@ def pretrain(model_dir: str, *, streams: Sequence[PretrainStream] = gin.REQUIRED
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
-  checkpointer.check_data_state(data_state(streams, data_seed, jax.process_count()),
-                                allow_change=allow_data_state_change)
+  if (checkpointer.latest_step or 0) < trainer.num_steps:  # a restore-only run reads no batch: nothing to check
+    checkpointer.check_data_state(data_state(streams, data_seed, jax.process_count()),
+                                  allow_change=allow_data_state_change)
   state = loop.restore_or_init(checkpointer, init_params, abstract_params)
   log.info("pre-training %s (%s) on mesh %s: %s params, streams %s, %.3g model FLOPs/step", config.tower_mode,
            init_checkpoint or "random init", dict(partitioner.mesh.shape),

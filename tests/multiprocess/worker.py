@@ -108,9 +108,7 @@ def main(setup_path: str, process_id: int) -> None:
   _wait_for(work / "reference_done", work)
   lap("wait for the reference")
   with mp_common.recording(work / "records" / "multi_from_single"):
-    # A resume on another process count is refused unless allowed (the data state check); this run allows it.
-    mp_common.run_job(mp_common.pretrain_flags(work / "multi_from_single" / "pretrain", data_dir)
-                      + ["--gin.pretrain.allow_data_state_change=True"])
+    mp_common.run_job(mp_common.pretrain_flags(work / "multi_from_single" / "pretrain", data_dir))
   lap("restore the reference's checkpoint")
 
   status["writes"] = sorted(set(writes))
