@@ -35,15 +35,20 @@ def params():
   return nn.unbox(init_params(CONFIG, jax.random.PRNGKey(0)))
 
 
-def _reference_loss(params, batch, temperature):
-  """numpy: every query against all B * (1 + N) passages (1-device embeddings)."""
+def _reference_scores(params, batch, temperature):
+  """float64 numpy scores [B, B * (1 + N)]: every query against all passages of the batch (1-device embeddings)."""
   encoder = MoteEncoder(CONFIG)
   q = np.asarray(encoder.apply({"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
                                expert="query", method=MoteEncoder.embed), np.float64)
   p = np.asarray(encoder.apply({"params": params}, batch["passage_input_ids"].reshape(B * (1 + N), LP),
                                batch["passage_attention_mask"].reshape(B * (1 + N), LP), expert="passage",
                                method=MoteEncoder.embed), np.float64)
-  scores = q @ p.T / temperature
+  return q @ p.T / temperature
+
+
+def _reference_loss(params, batch, temperature):
+  """numpy InfoNCE of the batch (1-device embeddings)."""
+  scores = _reference_scores(params, batch, temperature)
   assert scores.shape == (B, B * (1 + N))
   logz = np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1)) + scores.max(1)
   return float(np.mean(logz - scores[np.arange(B), np.arange(B) * (1 + N)]))
@@ -142,13 +147,7 @@ def _judged_batch():
 def _masked_reference(params, batch, temperature):
   """float64 numpy InfoNCE where query b's softmax leaves out every column c != b(1+N) whose document is in b's
   judged list (loops, independent of `judged_mask`); returns (loss, the mask)."""
-  encoder = MoteEncoder(CONFIG)
-  q = np.asarray(encoder.apply({"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
-                               expert="query", method=MoteEncoder.embed), np.float64)
-  p = np.asarray(encoder.apply({"params": params}, batch["passage_input_ids"].reshape(B * (1 + N), LP),
-                               batch["passage_attention_mask"].reshape(B * (1 + N), LP), expert="passage",
-                               method=MoteEncoder.embed), np.float64)
-  scores = q @ p.T / temperature
+  scores = _reference_scores(params, batch, temperature)
   docs = batch["passage_doc_index"].reshape(-1)
   excluded = np.zeros(scores.shape, bool)
   losses = []

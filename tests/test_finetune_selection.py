@@ -8,7 +8,7 @@ from mote_jax.data.finetune import SamplingConfig
 from mote_jax.jobs.finetune import DevSelection, ModelSource, finetune
 from mote_jax.objectives.contrastive import ContrastiveConfig
 from mote_jax.partitioning import MeshConfig
-from mote_jax.retrieval.beir import load_beir
+from mote_jax.retrieval.beir import load_beir, write_subset
 from mote_jax.retrieval.encode import EncodeOptions
 from mote_jax.training.optimizer import OptimizerConfig
 from mote_jax.training.trainer import TrainerConfig
@@ -21,18 +21,7 @@ def _write_beir(out, data_dir, num_queries=24, num_dev=8, extra_docs=100):
   queries = list(train.queries)[:num_queries]
   keep = {d for q in queries for d in train.qrels[q]}
   keep |= set([d for d in train.corpus.ids if d not in keep][:extra_docs])
-  (out / "qrels").mkdir(parents=True)
-  with open(out / "corpus.jsonl", "w") as f:
-    for d, title, text in zip(train.corpus.ids, train.corpus.titles, train.corpus.texts):
-      if d in keep:
-        f.write(json.dumps({"_id": d, "title": title, "text": text}) + "\n")
-  with open(out / "queries.jsonl", "w") as f:
-    for q in queries:
-      f.write(json.dumps({"_id": q, "text": train.queries[q]}) + "\n")
-  for split, ids in (("train", queries[:-num_dev]), ("dev", queries[-num_dev:])):
-    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{r}" for q in ids for d, r in train.qrels[q].items()]
-    (out / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-  return out
+  return write_subset(train, out, {"train": queries[:-num_dev], "dev": queries[-num_dev:]}, keep)
 
 
 @pytest.mark.slow  # about 10 minutes on the shared 2-core machine (MiniLM compile and 3 corpus encodings)

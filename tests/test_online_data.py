@@ -103,13 +103,18 @@ def _chi2(ours, theirs, bins):
   return scipy.stats.chi2_contingency(table)[1]
 
 
-def test_sampling_distribution_matches_reference(documents):
-  doc_of = np.arange(NUM_SAMPLES) % len(documents)
+def _sentence_table(documents, doc_of):
+  """Sentence lengths of the documents `doc_of` as a zero-padded [rows, width] array, and sentences per row."""
   width = max(len(d) for d in documents)
-  lengths = np.zeros((NUM_SAMPLES, width), np.int64)
+  lengths = np.zeros((len(doc_of), width), np.int64)
   for row, d in enumerate(doc_of):
     lengths[row, : len(documents[d])] = documents[d]
-  counts = np.asarray([len(documents[d]) for d in doc_of])
+  return lengths, np.asarray([len(documents[d]) for d in doc_of])
+
+
+def test_sampling_distribution_matches_reference(documents):
+  doc_of = np.arange(NUM_SAMPLES) % len(documents)
+  lengths, counts = _sentence_table(documents, doc_of)
   out = sample_spans(lengths, counts, example_keys(3, np.arange(NUM_SAMPLES)), max_len=MAX_LEN,
                      sampling=SpanSampling())
   kind = out["context_type"]
@@ -154,11 +159,7 @@ def test_context_structure(documents):
   """Nearby contexts are adjacent spans, random ones other spans in the window, overlaps share the anchor's end."""
   n = 3000
   doc_of = np.arange(n) % len(documents)
-  width = max(len(d) for d in documents)
-  lengths = np.zeros((n, width), np.int64)
-  for row, d in enumerate(doc_of):
-    lengths[row, : len(documents[d])] = documents[d]
-  counts = np.asarray([len(documents[d]) for d in doc_of])
+  lengths, counts = _sentence_table(documents, doc_of)
   out = sample_spans(lengths, counts, example_keys(5, np.arange(n)), max_len=MAX_LEN,
                      sampling=SpanSampling(window_size=2))
   a, c, kind = out["anchor_span"], out["context_span"], out["context_type"]

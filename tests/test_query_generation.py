@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mote_jax.data import DataFormatError
-from mote_jax.data.query_generation import GenerationConfig, parse_line, run_pipeline
+from mote_jax.data.query_generation import GenerationConfig, Passage, parse_line, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,8 +146,14 @@ def test_bad_input_names_file_and_line(tmp_path, tiny_t5):
   assert not list((tmp_path / "out").glob("queries-*"))
   with pytest.raises(DataFormatError, match=r"c\.tsv:4: expected 'pid<TAB>passage'"):
     parse_line(b"no tab here\n", "msmarco_tsv", "c.tsv:4")
-  with pytest.raises(DataFormatError, match=r"c\.jsonl:2: missing or mistyped field 'text'"):
+  with pytest.raises(DataFormatError, match=r"c\.jsonl:2: missing field 'text'"):
     parse_line(b'{"_id": "x", "body": "y"}', "beir_jsonl", "c.jsonl:2")
+  with pytest.raises(DataFormatError, match=r"c\.jsonl:5: field 'text' is a int, expected str"):
+    parse_line(b'{"_id": "x", "text": 3}', "beir_jsonl", "c.jsonl:5")
+  with pytest.raises(DataFormatError, match=r"c\.jsonl:6: missing field '_id' or 'id'"):
+    parse_line(b'{"text": "y"}', "beir_jsonl", "c.jsonl:6")
+  assert parse_line(b'{"id": 7, "title": " T ", "text": " y "}', "beir_jsonl", "c.jsonl:7") == \
+      Passage("7", "T", "y")
   (tmp_path / "empty.jsonl").write_text("\n\n")
   with pytest.raises(ValueError, match="empty corpus"):
     run_pipeline(str(tmp_path / "empty.jsonl"), str(tmp_path / "out2"), _config(tiny_t5), pipeline_args=ONE_WORKER)

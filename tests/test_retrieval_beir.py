@@ -122,3 +122,17 @@ def test_bad_qrels_rows(tmp_path, row, expected):
 def test_missing_split_lists_available(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"dev.tsv: not found \(splits available: \['test'\]\)"):
     load_beir(_write_dataset(tmp_path), "dev")
+
+
+def test_write_subset_reads_back(data_dir, tmp_path):
+  from mote_jax.retrieval.beir import load_beir, write_subset
+  train = load_beir(data_dir / "scifact", "train")
+  queries = list(train.queries)[:6]
+  keep = {d for q in queries for d in train.qrels[q]} | set(train.corpus.ids[:3])
+  write_subset(train, tmp_path / "sub", {"train": queries[:4], "dev": queries[4:]}, keep)
+  for split, ids in (("train", queries[:4]), ("dev", queries[4:])):
+    sub = load_beir(tmp_path / "sub", split)
+    assert list(sub.queries) == ids and sub.qrels == {q: train.qrels[q] for q in ids}
+    assert sub.corpus.ids == tuple(d for d in train.corpus.ids if d in keep)
+    index = {d: i for i, d in enumerate(train.corpus.ids)}
+    assert sub.corpus.texts == tuple(train.corpus.texts[index[d]] for d in sub.corpus.ids)

@@ -54,6 +54,7 @@ def _worker(process_id: int, num_processes: int, port: int, workdir: Path):
 def _small_beir(data_dir: Path, out: Path):
   """20 SciFact test queries, their judged documents and distractors: 57 documents."""
   from mote_jax.retrieval import load_beir
+  from mote_jax.retrieval.beir import write_subset
   data = load_beir(data_dir / "scifact", "test")
   queries = list(data.queries)[:20]
   keep = {d for q in queries for d in data.qrels[q]}
@@ -61,19 +62,7 @@ def _small_beir(data_dir: Path, out: Path):
     if len(keep) >= 57:
       break
     keep.add(doc_id)
-  (out / "qrels").mkdir(parents=True)
-  with open(out / "corpus.jsonl", "w") as f:
-    for doc_id, title, text in zip(data.corpus.ids, data.corpus.titles, data.corpus.texts):
-      if doc_id in keep:
-        f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
-  with open(out / "queries.jsonl", "w") as f:
-    for q in queries:
-      f.write(json.dumps({"_id": q, "text": data.queries[q]}) + "\n")
-  with open(out / "qrels" / "test.tsv", "w") as f:
-    f.write("query-id\tcorpus-id\tscore\n")
-    for q in queries:
-      for doc_id, relevance in data.qrels[q].items():
-        f.write(f"{q}\t{doc_id}\t{relevance}\n")
+  write_subset(data, out, {"test": queries}, keep)
 
 
 def _free_port() -> int:

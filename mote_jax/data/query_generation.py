@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, Literal, Optional, Sequence
 import apache_beam as beam
 import tensorflow as tf
 
-from mote_jax.data.readers import DataFormatError, expand_paths
+from mote_jax.data.readers import DataFormatError, JsonlFormat, expand_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,34 +117,29 @@ def file_format_of(path: str, input_format: InputFormat) -> str:
                    "corpus.jsonl) or 'msmarco_tsv' (pid<TAB>passage)")
 
 
+_CORPUS_JSONL = JsonlFormat(text_key="text", title_key="title", id_key=("_id", "id"))
+
+
 def parse_line(raw: bytes, file_format: str, where: str) -> Optional[Passage]:
   """The passage of one input line, None for a blank line; `DataFormatError` ('file:line: reason') otherwise."""
   if not raw.strip():
     return None
-  try:
-    line = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataFormatError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
   if file_format == "msmarco_tsv":
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataFormatError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != 2 or not fields[0].strip():
       raise DataFormatError(f"{where}: expected 'pid<TAB>passage', got {len(fields)} tab-separated field(s)")
     return Passage(fields[0].strip(), "", fields[1].strip())
   try:
-    record = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(record, dict):
-    raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-  key = "_id" if "_id" in record else "id"
-  passage_id, text, title = record.get(key), record.get("text"), record.get("title") or ""
-  if not isinstance(passage_id, (str, int)) or isinstance(passage_id, bool) or str(passage_id) == "":
-    raise DataFormatError(f"{where}: missing or mistyped field '_id' (or 'id')")
-  if not isinstance(text, str):
-    raise DataFormatError(f"{where}: missing or mistyped field 'text'")
-  if not isinstance(title, str):
-    raise DataFormatError(f"{where}: field 'title' is a {type(title).__name__}, expected str")
-  return Passage(str(passage_id), title.strip(), text.strip())
+    passage_id, title, text, _ = _CORPUS_JSONL.parse_line(raw)
+  except ValueError as e:
+    raise DataFormatError(f"{where}: {e}") from None
+  if not passage_id:
+    raise DataFormatError(f"{where}: missing field '_id' or 'id'")
+  return Passage(passage_id, title.strip(), text.strip())
 
 
 def plan_shards(patterns: Sequence[str] | str, passages_per_shard: int,

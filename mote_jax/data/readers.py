@@ -140,7 +140,7 @@ class JsonlFormat:
   skip_malformed: bool = False
   require_queries: bool = True  # False: a record without queries is a document with `queries=()`
 
-  def _parse(self, raw: bytes) -> tuple[str, str, str, tuple[str, ...]]:
+  def parse_line(self, raw: bytes) -> tuple[str, str, str, tuple[str, ...]]:
     """(doc_id or '', title, body, queries) of one line; raises ValueError with the reason."""
     try:
       record = json.loads(raw.decode("utf-8"))
@@ -189,7 +189,7 @@ class JsonlFormat:
         if not raw.strip():
           continue  # blank line (e.g. a trailing newline): no record at all
         try:
-          doc_id, title, body, queries = self._parse(raw)
+          doc_id, title, body, queries = self.parse_line(raw)
         except ValueError as e:
           where = f"{path}:{line_no}"
           if not self.skip_malformed:

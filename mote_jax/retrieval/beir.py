@@ -219,3 +219,23 @@ def load_beir(directory: str | os.PathLike, split: str = "test", *, allow_unknow
   log.info("%s/%s: %d documents, %d judged queries, %d judgements", directory.name, split, len(corpus),
            len(queries), sum(map(len, qrels.values())))
   return BeirDataset(directory.name, split, corpus, queries, qrels)
+
+
+def write_subset(data: BeirDataset, out: str | os.PathLike, splits: Mapping[str, list[str]],
+                 doc_ids: set[str]) -> Path:
+  """Writes a BEIR directory holding `data`'s documents in `doc_ids` (file order), the queries of `splits` and
+  each split's qrels (`splits`: split name -> query ids of `data`); e.g. a small dataset cut from a large one, or a
+  dev split carved from train. Returns `out`."""
+  out = Path(out)
+  (out / "qrels").mkdir(parents=True, exist_ok=True)
+  with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+    for doc_id, title, text in zip(data.corpus.ids, data.corpus.titles, data.corpus.texts):
+      if doc_id in doc_ids:
+        f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
+  with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+    for q in dict.fromkeys(q for ids in splits.values() for q in ids):
+      f.write(json.dumps({"_id": q, "text": data.queries[q]}) + "\n")
+  for split, ids in splits.items():
+    rows = [f"{q}\t{d}\t{r}" for q in ids for d, r in data.qrels[q].items()]
+    (out / "qrels" / f"{split}.tsv").write_text("\n".join(["query-id\tcorpus-id\tscore", *rows]) + "\n")
+  return out
