@@ -16,9 +16,8 @@ import jax
 from etils import epath
 
 from mote_jax import hf_interop
-from mote_jax.data import PairBatches, PairTask, register_query_pair_tasks
+from mote_jax.data import PairBatches, PairTask
 from mote_jax.data.online import RecordBatches, RecordPairTask
-from mote_jax.data.tasks import QUERY_DIRECTIONS
 from mote_jax.model import MoteConfig
 from mote_jax.objectives import ObjectiveConfig, PretrainModel, Stream
 from mote_jax.partitioning import MeshConfig, Partitioner
@@ -52,19 +51,6 @@ class PretrainStream:
   @property
   def stream(self) -> Stream:
     return Stream(self.name, self.task.anchor_type, self.task.context_type)
-
-
-@gin.configurable
-def query_pair_task(direction: str = gin.REQUIRED, **registration) -> PairTask:
-  """One direction ('passage_to_query' | 'query_to_passage') of `data.register_query_pair_tasks(**registration)`.
-
-  For gin, where a stream needs one task: bind the registration once unscoped and `direction` per scope, e.g.
-  `p2q/query_pair_task.direction = 'passage_to_query'`. The query expert is trained by 'query_to_passage' (the
-  query is the encoded anchor); 'passage_to_query' is cotmae-qc's query-as-context.
-  """
-  if direction not in QUERY_DIRECTIONS:
-    raise ValueError(f"query_pair_task.direction={direction!r}: expected one of {tuple(QUERY_DIRECTIONS)}")
-  return register_query_pair_tasks(**registration)[QUERY_DIRECTIONS[direction]]
 
 
 @gin.configurable
