@@ -247,9 +247,7 @@ def test_losses_and_params_match_one_process(runs, job):
   steps = runs.steps(job)
   single = {r["step"]: r for r in runs.metrics("single", job)}
   multi = {r["step"]: r for r in runs.metrics("multi", job)}
-  # Every training step is logged; a step-0 row is fine-tuning's dev evaluation of the starting model, and is
-  # compared like the others.
-  assert sorted(s for s in multi if s > 0) == list(range(1, steps + 1)) and set(multi) <= set(single)
+  assert sorted(multi) == list(range(1, steps + 1)) and set(multi) <= set(single)
   for step in multi:
     assert single[step].keys() == multi[step].keys()
     for name in single[step].keys() - TIMING_METRICS - {"step"}:
@@ -327,7 +325,8 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(runs):
   # Without JAX's preemption service, the all-gathered vote: a flag on process 1 alone stops both.
   assert [status["allgather_vote"] for status in runs.status] == [[False, True], [False, True]]
   checkpoints = [p.name for p in (runs.work / "multi" / "pretrain" / "checkpoints").iterdir()]
-  assert checkpoints == [str(runs.stop_step)]  # complete (orbax renames a finished save), nothing else
+  # complete (orbax renames a finished save), nothing else but the run's recorded data state
+  assert sorted(checkpoints) == sorted([str(runs.stop_step), "data_state.json"])
   # Both trained exactly that many steps (their batch records) and the state matches the reference's at that step
   # (test_losses_and_params_match_one_process); the checkpoint restores (test_checkpoints_restore_...).
 
@@ -472,7 +471,7 @@ def test_gs_model_dir_reaches_every_writer_whole(fake_gcs):
 
 def test_export_to_gs_builds_locally_and_copies(fake_gcs):
   from safetensors.numpy import load_file
-  from mote_jax.hf_interop import export_tower, load_mote_config, to_hf_anywhere
+  from mote_jax.hf_interop import export_tower, load_mote_config, serving_config, to_hf_anywhere
   from mote_jax.model import MoteConfig
   config = MoteConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                       max_position_embeddings=32, tower_mode="mote")
@@ -482,7 +481,7 @@ def test_export_to_gs_builds_locally_and_copies(fake_gcs):
   assert fake_gcs.writes[-1] == "gs://bucket/run/hf/mote_config.json"  # the completion marker comes last
   assert {w.split("/hf/")[1] for w in fake_gcs.writes} >= {"query/model.safetensors", "passage/config.json"}
   local = Path(fake_gcs.local(out))
-  assert load_mote_config(local) == config
+  assert load_mote_config(local) == serving_config(config)  # the serving lengths it was exported with
   for expert in ("query", "passage"):
     expected = export_tower(config, params, expert)
     exported = load_file(str(local / expert / "model.safetensors"))

@@ -235,10 +235,8 @@ class Trainer:
     window = dict(start=time.perf_counter(), steps=0, tokens=0)
     with _StopRequest(start) as stop:
       try:
-        if start == 0 and eval_batches is not None and cfg.eval_every:
-          writer.write(0, self.evaluate(state.params, eval_batches()))
-        if start == 0 and evaluate_fn is not None and cfg.eval_every:
-          writer.write(0, evaluate_fn(0, state.params))
+        if start == 0 and cfg.eval_every:
+          self._write_row(writer, 0, {}, state.params, eval_batches, evaluate_fn)
         # A step's non-finite counter is read after the next step is dispatched, so the host never waits for
         # the device in between and prepares the next batch while a step runs. Before anything that exposes the
         # state (a log line, an evaluation, a checkpoint, a stop) the current step's counter is read at once, so
@@ -260,13 +258,14 @@ class Trainer:
           if log_now or evaluating or stopping or checkpointer.due(done):
             self._stop_if_diverged(*pending, checkpointer)
             pending = None
+          row = {}
           if log_now:
-            writer.write(done, self._throughput(jax.device_get(metrics), window, state))
+            row = self._throughput(jax.device_get(metrics), window, state)
             window = dict(start=time.perf_counter(), steps=0, tokens=0)
-          if evaluating and eval_batches is not None:
-            writer.write(done, self.evaluate(state.params, eval_batches()))
-          if evaluating and evaluate_fn is not None:
-            writer.write(done, evaluate_fn(done, state.params))
+          if evaluating:
+            self._write_row(writer, done, row, state.params, eval_batches, evaluate_fn)
+          elif row:
+            writer.write(done, row)
           checkpointer.maybe_save(done, state, force=done == cfg.num_steps or stopping)
           writer.advance(done)
           if stopping:
@@ -279,6 +278,17 @@ class Trainer:
         checkpointer.wait()
         writer.close()
     return state
+
+  def _write_row(self, writer: MetricsWriter, step: int, row: dict, params, eval_batches, evaluate_fn) -> None:
+    """One metrics row for `step`: the training metrics `row` (if logged at this step), the held-out losses and
+    the `evaluate_fn` metrics."""
+    row = dict(row)
+    if eval_batches is not None:
+      row.update(self.evaluate(params, eval_batches()))
+    if evaluate_fn is not None:
+      row.update(evaluate_fn(step, params))
+    if row:
+      writer.write(step, row)
 
   def _stop_if_diverged(self, step: int, consecutive_nonfinite: jax.Array, checkpointer: Checkpointer) -> None:
     """Raises NonFiniteLossError when `step` ended a run of `max_consecutive_nonfinite` non-finite steps."""

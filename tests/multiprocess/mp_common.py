@@ -42,11 +42,12 @@ def pretrain_flags(model_dir: Path | str, data_dir: Path, num_steps: int = PRETR
 
 def finetune_flags(model_dir: Path | str, data_dir: Path, bert_dir: Path) -> list[str]:
   """SciFact train with BM25 negatives (the top 4 of each query: less to tokenise), 8 queries x (1 + 1) passages
-  per batch, no dropout, no evaluation, temperature 0.05 (the tiny model's embeddings are normalised)."""
+  per batch, no dropout, no evaluation (test or dev), temperature 0.05 (the tiny model's embeddings are normalised)."""
   return ["--gin_file=runs/finetune_scifact_cpu.gin", f"--gin.MODEL_DIR={model_dir}",
           f"--gin.NUM_STEPS={FINETUNE_STEPS}", f"--gin.ModelSource.checkpoint={bert_dir}",
           "--gin.ModelSource.overrides={'hidden_dropout': 0.0, 'attention_dropout': 0.0}",
           f"--gin.finetune.train_data={data_dir / 'scifact'}", "--gin.finetune.eval_data=None",
+          "--gin.finetune.dev=None",
           "--gin.training_groups.num_negatives=4",
           "--gin.finetune.batch_size=8", "--gin.SamplingConfig.query_max_len=32",
           "--gin.SamplingConfig.passage_max_len=64", f"--gin.ContrastiveConfig.temperature={TEMPERATURE}",
