@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, Passage, SamplingConfig, TrainGroup,
-                                    beir_groups, bm25_run, tevatron_groups, write_negatives)
+                                    beir_groups, bm25_run, corpus_rows, read_negatives, tevatron_groups,
+                                    write_negatives)
 from mote_jax.retrieval.beir import load_beir
 
 
@@ -24,32 +25,70 @@ def scifact_bm25(scifact_train):
 def test_bm25_quality_on_scifact_test(data_dir):
   """bm25s with the default k1/b reproduces BEIR's published BM25 (Elasticsearch) on SciFact test: 0.686."""
   test = load_beir(data_dir / "scifact", "test")
-  run = bm25_run(test.corpus.ids, test.corpus.passages(), test.queries, k=100)
+  run = bm25_run(test.corpus.ids, test.corpus.passages(), test.queries, k=100).to_dict(test.corpus.ids)
   ndcg = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], test.qrels, run)[ir_measures.nDCG @ 10]
   assert abs(ndcg - 0.686) <= 0.005, ndcg
 
 
 def test_beir_groups_drop_positives_from_negatives(scifact_train, scifact_bm25):
-  groups = beir_groups(scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries,
-                       scifact_train.qrels, scifact_bm25, num_negatives=30)
+  ids = scifact_train.corpus.ids
+  as_dict = scifact_bm25.to_dict(ids)
+  groups = beir_groups(ids, scifact_train.queries, scifact_train.qrels, scifact_bm25, num_negatives=30)
   assert len(groups) == 809
-  for g in groups:
-    positives = {p.docid for p in g.positives}
-    assert positives == {d for d, r in scifact_train.qrels[g.query_id].items() if r > 0}
-    assert not positives & {p.docid for p in g.negatives}
-    assert len(g.negatives) == 30
+  for i, qid in enumerate(groups.query_ids):
+    positives = {ids[r] for r in groups.positives_of(i)}
+    assert positives == {d for d, r in scifact_train.qrels[qid].items() if r > 0}
+    assert not positives & {ids[r] for r in groups.negatives_of(i)}
+    assert len(groups.negatives_of(i)) == 30
   # Negatives are BM25's ranking minus the positives, in order.
-  g = groups[0]
-  ranked = [d for d, _ in sorted(scifact_bm25[g.query_id].items(), key=lambda x: -x[1])
-            if d not in {p.docid for p in g.positives}]
-  assert [p.docid for p in g.negatives] == ranked[:30]
+  qid = groups.query_ids[0]
+  ranked = [d for d, _ in sorted(as_dict[qid].items(), key=lambda x: -x[1])
+            if d not in {ids[r] for r in groups.positives_of(0)}]
+  assert [ids[r] for r in groups.negatives_of(0)] == ranked[:30]
+  # The same run as {query id: {doc id: score}} (a mined TREC run's form) gives the same groups.
+  assert beir_groups(ids, scifact_train.queries, scifact_train.qrels, as_dict, num_negatives=30) == groups
 
 
-def test_tevatron_round_trip_and_errors(tmp_path, scifact_train, scifact_bm25):
-  groups = beir_groups(scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries,
-                       scifact_train.qrels, scifact_bm25, num_negatives=5)[:20]
-  path = write_negatives(tmp_path / "train.jsonl", groups)
+def _write_tevatron(path, groups):
+  """Tevatron jsonl with text, written independently of the module."""
+  passages = lambda ps: [{"docid": p.docid, "title": "", "text": p.text} for p in ps]  # noqa: E731
+  path.write_text("".join(json.dumps({"query_id": g.query_id, "query": g.query,
+                                      "positive_passages": passages(g.positives),
+                                      "negative_passages": passages(g.negatives),
+                                      "judged_docids": list(g.judged)}) + "\n" for g in groups))
+  return path
+
+
+def test_negatives_files_hold_ids_and_round_trip(tmp_path, scifact_train, scifact_bm25):
+  ids = scifact_train.corpus.ids
+  groups = beir_groups(ids, scifact_train.queries, scifact_train.qrels, scifact_bm25, num_negatives=5)
+  path = write_negatives(tmp_path / "train.jsonl", groups, ids)
+  assert read_negatives(path, corpus_rows(ids)) == groups
+  record = json.loads(path.read_text().splitlines()[0])
+  assert set(record) == {"query_id", "positive_document_ids", "negative_document_ids", "judged_document_ids"}
+  assert record["negative_document_ids"] == [ids[r] for r in groups.negatives_of(0)]
+  assert not any(word in path.read_text() for word in scifact_train.corpus.texts[0].split()[:5] if len(word) > 6)
+  # Doc ids outside the corpus: an error with the count and the first ids.
+  lines = path.read_text().splitlines()
+  record["negative_document_ids"][1:3] = ["nope-1", "nope-2"]
+  (tmp_path / "stale.jsonl").write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+  with pytest.raises(ValueError, match=r"stale\.jsonl: 2 positive or negative doc ids are not in the corpus "
+                                       r"\(first: \['nope-1', 'nope-2'\]\)"):
+    read_negatives(tmp_path / "stale.jsonl", corpus_rows(ids))
+
+
+def test_tevatron_text_files_and_errors(tmp_path, scifact_train, scifact_bm25):
+  ids, text = scifact_train.corpus.ids, dict(zip(scifact_train.corpus.ids, scifact_train.corpus.passages()))
+  table = beir_groups(ids, scifact_train.queries, scifact_train.qrels, scifact_bm25, num_negatives=5)
+  passages = lambda rows: tuple(Passage(ids[r], text[ids[r]]) for r in rows)  # noqa: E731
+  groups = [TrainGroup(q, scifact_train.queries[q], passages(table.positives_of(i)), passages(table.negatives_of(i)),
+                       judged=tuple(ids[r] for r in table.judged_of(i)))
+            for i, q in enumerate(table.query_ids[:20])]
+  path = _write_tevatron(tmp_path / "train.jsonl", groups)
   assert tevatron_groups(path) == groups
+  # With the corpus known, a text file maps to the same rows as the ids file.
+  assert read_negatives(path, corpus_rows(ids)) == read_negatives(
+      write_negatives(tmp_path / "ids.jsonl", table, ids), corpus_rows(ids), queries=table.query_ids[:20])
   bad = tmp_path / "bad.jsonl"
   lines = path.read_text().splitlines()
   bad.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
@@ -69,7 +108,8 @@ def _toy_groups(num=10, negatives=10):
 
 
 def test_negatives_rotate_through_the_whole_list(tokenizer):
-  stream = FinetuneStream(_toy_groups(), tokenizer, SamplingConfig(negatives=3, passage_max_len=16), seed=0)
+  stream = FinetuneStream.from_train_groups(_toy_groups(), tokenizer,
+                                            SamplingConfig(negatives=3, passage_max_len=16), seed=0)
   seen = {}
   for k in range(4 * len(stream)):  # four epochs: 12 draws of 10 negatives per query
     query, passages = stream.example(k)
@@ -82,7 +122,8 @@ def test_negatives_rotate_through_the_whole_list(tokenizer):
 
 
 def test_resume_and_host_shards_are_exact(tokenizer):
-  stream = FinetuneStream(_toy_groups(13), tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=3)
+  stream = FinetuneStream.from_train_groups(_toy_groups(13), tokenizer,
+                                            SamplingConfig(negatives=2, passage_max_len=16), seed=3)
   full = FinetuneBatches(stream, batch_size=8)
   batches = [next(full) for _ in range(6)]
   resumed = next(FinetuneBatches(stream, batch_size=8, start_step=5))
@@ -98,7 +139,8 @@ def test_resume_and_host_shards_are_exact(tokenizer):
 
 def test_seqio_task_yields_the_stream(tokenizer):
   from mote_jax.data.finetune import register_finetune_task
-  stream = FinetuneStream(_toy_groups(5), tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=1)
+  stream = FinetuneStream.from_train_groups(_toy_groups(5), tokenizer,
+                                            SamplingConfig(negatives=2, passage_max_len=16), seed=1)
   task = register_finetune_task("finetune_toy_test", stream)
   examples = list(task.get_dataset(sequence_length=None, split="train", shuffle=False).take(7).as_numpy_iterator())
   expected = stream.batch(range(7))
@@ -108,19 +150,19 @@ def test_seqio_task_yields_the_stream(tokenizer):
 
 def test_graded_positives_and_negatives_free_of_judged_passages():
   ids = [f"d{i}" for i in range(8)]
-  passages = [f"text of document {i}" for i in range(8)]
   qrels = {"q": {"d1": 1, "d2": 2, "d3": 0, "d4": -1}}
   run = {"q": {d: 10.0 - i for i, d in enumerate(["d3", "d1", "d5", "d2", "d4", "d6", "d7", "d0"])}}
-  (group,) = beir_groups(ids, passages, {"q": "query"}, qrels, run, num_negatives=3)
-  assert [p.docid for p in group.positives] == ["d2", "d1"]  # highest grade first
-  assert [p.docid for p in group.negatives] == ["d5", "d6", "d7"]  # run order, no judged passage of any grade
-  assert set(group.judged_ids()) == {"d1", "d2", "d3", "d4"}
-  (group,) = beir_groups(ids, passages, {"q": "query"}, qrels, run, num_negatives=3, min_positive_grade=2)
-  assert [p.docid for p in group.positives] == ["d2"]
-  assert [p.docid for p in group.negatives] == ["d5", "d6", "d7"]  # d1 (grade 1) is judged: never a negative
-  assert "d1" in group.judged_ids()
+  group = beir_groups(ids, {"q": "query"}, qrels, run, num_negatives=3)
+  assert len(group) == 1
+  assert [ids[r] for r in group.positives_of(0)] == ["d2", "d1"]  # highest grade first
+  assert [ids[r] for r in group.negatives_of(0)] == ["d5", "d6", "d7"]  # run order, no judged passage of any grade
+  assert {ids[r] for r in group.judged_of(0)} == {"d1", "d2", "d3", "d4"}
+  group = beir_groups(ids, {"q": "query"}, qrels, run, num_negatives=3, min_positive_grade=2)
+  assert [ids[r] for r in group.positives_of(0)] == ["d2"]
+  assert [ids[r] for r in group.negatives_of(0)] == ["d5", "d6", "d7"]  # d1 (grade 1) is judged: never a negative
+  assert "d1" in {ids[r] for r in group.judged_of(0)}
   with pytest.raises(ValueError, match="min_positive_grade=0"):
-    beir_groups(ids, passages, {"q": "query"}, qrels, run, min_positive_grade=0)
+    beir_groups(ids, {"q": "query"}, qrels, run, min_positive_grade=0)
 
 
 def test_batches_carry_the_corpus_indices_the_loss_masks_with(tokenizer):
@@ -128,7 +170,7 @@ def test_batches_carry_the_corpus_indices_the_loss_masks_with(tokenizer):
   # q0's qrels also judge q1's positive, one of q2's negatives and a document no group holds.
   groups[0] = TrainGroup(groups[0].query_id, groups[0].query, groups[0].positives, groups[0].negatives,
                          judged=("p1", "n2_3", "unseen"))
-  stream = FinetuneStream(groups, tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=0)
+  stream = FinetuneStream.from_train_groups(groups, tokenizer, SamplingConfig(negatives=2, passage_max_len=16), seed=0)
   by_text = {p.text: p.docid for g in groups for p in g.positives + g.negatives}
   docids = sorted(by_text.values())
   batch = next(FinetuneBatches(stream, batch_size=6))
@@ -168,7 +210,9 @@ def test_training_groups_drop_judged_passages_from_a_mined_file(tmp_path):
                                                      for d in ("d1", "d3", "d4")]}) + "\n"
                    + json.dumps({"query_id": "gone", "query": "a dev query",
                                  "positive_passages": [{"docid": "d5", "text": "document 5"}]}) + "\n")
-  (group,) = training_groups(str(tmp_path), "train", negatives=[str(mined)], data=data)
-  assert group.query_id == "q"  # queries outside the split (e.g. carved out as dev) are left out
-  assert [p.docid for p in group.negatives] == ["d3", "d4"]
-  assert set(group.judged_ids()) == {"d0", "d1"}
+  training = training_groups(str(tmp_path), "train", negatives=[str(mined)], data=data)
+  ids, group = corpus.ids, training.groups
+  assert group.query_ids == ("q",)  # queries outside the split (e.g. carved out as dev) are left out
+  assert training.query_texts == ("a query",)
+  assert [ids[r] for r in group.negatives_of(0)] == ["d3", "d4"]
+  assert {ids[r] for r in group.judged_of(0)} == {"d0", "d1"}

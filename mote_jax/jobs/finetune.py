@@ -20,7 +20,6 @@ import logging
 import os
 import resource
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,8 +30,10 @@ import numpy as np
 from etils import epath
 
 from mote_jax import hf_interop
-from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
-                                    beir_groups, bm25_run, split_dev, tevatron_groups, write_negatives)
+from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, GroupTable, SamplingConfig, TrainingData,
+                                    beir_groups, corpus_rows, merge_groups, read_negatives, sharded_bm25_run,
+                                    split_dev, write_negatives)
+from mote_jax.data.flat_tokens import texts_fingerprint
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
@@ -79,79 +80,43 @@ def _tokenizer(path):
   return AutoTokenizer.from_pretrained(str(path))
 
 
-def _merge(groups_lists: Sequence[Sequence[TrainGroup]]) -> list[TrainGroup]:
-  """Per query, the negatives of every source (in source order, duplicates dropped); positives of the first.
-  Judged passages of any source are never negatives (a mined file may list them)."""
-  merged: dict[str, TrainGroup] = {}
-  for groups in groups_lists:
-    for g in groups:
-      if g.query_id not in merged:
-        merged[g.query_id] = g
-        continue
-      old = merged[g.query_id]
-      judged = tuple(dict.fromkeys(old.judged_ids() + g.judged_ids()))
-      seen = {p.docid for p in old.negatives} | set(judged)
-      extra = tuple(p for p in g.negatives if p.docid not in seen)
-      negatives = tuple(p for p in old.negatives if p.docid not in judged) + extra
-      merged[g.query_id] = dataclasses.replace(old, negatives=negatives, judged=judged)
-  return list(merged.values())
-
-
 @gin.configurable
 def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str] = ("bm25",),
                     bm25_depth: int = 100, num_negatives: int = 30, cache_dir: str | None = None,
-                    min_positive_grade: int = 1, data: beir.BeirDataset | None = None) -> list[TrainGroup]:
-  """Training groups of a BEIR split with negatives from each source in `negatives`: 'bm25' (bm25s over the
-  corpus; the run is cached as a TREC file in `cache_dir`), or the path of a Tevatron jsonl (e.g. mined).
-  Positives are judged at `min_positive_grade` or above; no judged passage of any grade is a negative.
-  `data`: the split already loaded (perhaps with dev queries taken out), instead of reading `beir_dir`."""
+                    min_positive_grade: int = 1, data: beir.BeirDataset | None = None, bm25_k1: float = 1.5,
+                    bm25_b: float = 0.75, bm25_threads: int = -1) -> TrainingData:
+  """Training groups (as corpus rows) of a BEIR split with negatives from each source in `negatives`: 'bm25'
+  (bm25s over the corpus, NumPy backend, `bm25_threads` threads (-1: every core), the queries sharded across
+  processes, the run cached in `cache_dir`; see `mote_jax.data.bm25` for k1/b per dataset), or the path of a
+  negatives file (ids, e.g. stage 1's mined negatives, or Tevatron jsonl with text; doc ids must be in the corpus).
+  Per query: the first source's positives, every source's negatives in order (duplicates dropped). Positives are
+  judged at `min_positive_grade` or above; no judged passage of any grade is a negative. `data`: the split
+  already loaded (perhaps with dev queries taken out), instead of reading `beir_dir`."""
   data = data if data is not None else beir.load_beir(beir_dir, split)
-  sources = []
+  corpus_ids, passages = data.corpus.ids, data.corpus.passages()
+  fingerprint = texts_fingerprint(passages, corpus_ids)
+  index = corpus_rows(corpus_ids)
+  tables = []
   for source in negatives:
     if source == "bm25":
-      cached = epath.Path(cache_dir) / f"bm25-{data.name}-{split}-{bm25_depth}.trec" if cache_dir else None
-      if cached is not None and cached.exists():
-        run = _read_run(cached)
-      else:
-        run = bm25_run(data.corpus.ids, data.corpus.passages(), data.queries, k=bm25_depth)
-        if cached is not None and jax.process_index() == 0:
-          _write_run(cached, run, tag="bm25s")
-      sources.append(beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
-                                 num_negatives=num_negatives, min_positive_grade=min_positive_grade))
+      run = sharded_bm25_run(corpus_ids, passages, data.queries, depth=bm25_depth, k1=bm25_k1, b=bm25_b,
+                             n_threads=bm25_threads, cache_dir=cache_dir, split=f"{data.name}-{split}",
+                             corpus_fingerprint=fingerprint)
+      tables.append(beir_groups(corpus_ids, data.queries, data.qrels, run, num_negatives=num_negatives,
+                                min_positive_grade=min_positive_grade, corpus_index=index))
     else:
-      sources.append([g for g in tevatron_groups(source) if g.query_id in data.queries])
-  groups = [_exclude_judged(g, data.qrels.get(g.query_id, {})) for g in _merge(sources)]
+      tables.append(read_negatives(source, index, data.queries))
+  judged = {q: [index[d] for d in rels if d in index] for q, rels in data.qrels.items()}
+  groups = merge_groups(tables, judged)
+  counts = groups.negative_counts()
+  if (counts == 0).any():
+    log.warning("left out %d queries whose sources hold no unjudged negative", int((counts == 0).sum()))
+    keep = np.flatnonzero(counts > 0)
+    groups = GroupTable.from_lists([groups.query_ids[i] for i in keep], [groups.positives_of(i) for i in keep],
+                                   [groups.negatives_of(i) for i in keep], [groups.judged_of(i) for i in keep])
   log.info("%d training groups from %s/%s, negatives from %s (mean %.1f per query)", len(groups), beir_dir,
-           split, list(negatives), np.mean([len(g.negatives) for g in groups]))
-  return groups
-
-
-def _exclude_judged(group: TrainGroup, qrels: dict[str, int]) -> TrainGroup:
-  """`group` with every passage its qrels judge (any grade) among `judged` and none among its negatives."""
-  judged = tuple(dict.fromkeys(group.judged_ids() + tuple(qrels)))
-  negatives = tuple(p for p in group.negatives if p.docid not in set(judged))
-  return dataclasses.replace(group, negatives=negatives, judged=judged)
-
-
-def _read_run(path: epath.Path) -> metrics.Run:
-  """`metrics.read_run` of a local file or, through a local copy, of an object-store one (gs://...)."""
-  if not is_uri(path):
-    return metrics.read_run(path)
-  with tempfile.TemporaryDirectory() as tmp:
-    local = Path(tmp) / path.name
-    local.write_bytes(path.read_bytes())
-    return metrics.read_run(local)
-
-
-def _write_run(path: epath.Path, run, tag: str) -> None:
-  """`metrics.write_run` to a local file or, through a local file, to an object store (one object write)."""
-  if not is_uri(path):
-    metrics.write_run(path, run, tag=tag)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    local = metrics.write_run(Path(tmp) / path.name, run, tag=tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(Path(local).read_bytes())
+           split, list(negatives), groups.negative_counts().mean())
+  return TrainingData(groups, corpus_ids, passages, tuple(data.queries[q] for q in groups.query_ids), fingerprint)
 
 
 def _check_local(path: str | os.PathLike, what: str) -> None:
@@ -314,7 +279,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              eval_measures: Sequence[str] = metrics.DEFAULT_MEASURES,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
-             export_hf: bool = True, dev: DevSelection | None = None) -> dict:
+             export_hf: bool = True, dev: DevSelection | None = None,
+             data_cache_dir: str | None = None) -> dict:
   """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert), masking
   passages judged for a query out of its denominator when `contrastive.mask_judged`.
 
@@ -323,6 +289,10 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   docstring). Resumes from MODEL_DIR/checkpoints. At the end: MODEL_DIR/hf towers, an evaluation of `eval_data`
   (report in MODEL_DIR/eval), MODEL_DIR/report.{json,md}, and optionally hard negatives of the train split mined
   with the result. Returns {"eval": report or None, "negatives": path or None, "selection": dict or None}.
+
+  `data_cache_dir` (default MODEL_DIR/cache): where the tokenised corpus and queries and the BM25 index and runs
+  are cached (`mote_jax.data.flat_tokens`, `mote_jax.data.bm25`); point stage 1 and stage 2 at one directory to
+  build them once. With several hosts it must be shared by all of them (a shared file system or gs://).
   """
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   if eval_data:
@@ -330,6 +300,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if mine_negatives_to:
     _check_local(run_dir / "mining", "finetune's negative mining")
     _check_local(mine_negatives_to, "finetune's negative mining")
+  cache_dir = data_cache_dir or os.fspath(run_dir / "cache")
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
@@ -340,11 +311,13 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
       raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
     train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
     log.info("dev split: %s", dev_how)
-    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
+    data = groups_fn(train_data, train_split, cache_dir=cache_dir, data=train_set)
     del train_set
   else:
-    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
-  stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
+    data = groups_fn(train_data, train_split, cache_dir=cache_dir)
+  stream = FinetuneStream.build(data, tokenizer, sampling, seed=data_seed, cache_dir=cache_dir)
+  num_groups = len(data)
+  del data
 
   contrastive_model = ContrastiveModel(config, contrastive)
   boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
@@ -359,8 +332,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
                               keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
   state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
   log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
-           config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
-           trainer.num_steps, trainer.num_steps * batch_size / len(groups))
+           config.tower_mode, dict(partitioner.mesh.shape), num_groups, batch_size, sampling.negatives,
+           trainer.num_steps, trainer.num_steps * batch_size / num_groups)
 
   def batches(start):
     return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
@@ -445,15 +418,15 @@ def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str,
                    method: str = "exact", encode_options: encode.EncodeOptions = encode.EncodeOptions(),
                    partitioner: Partitioner | None = None, corpus_dir: str | Path | None = None) -> str:
   """Retrieves `split`'s queries with the model, drops judged positives, and writes the top-ranked rest
-  (after `skip_first`) as Tevatron jsonl negatives at `out_path`."""
+  (after `skip_first`) as a negatives file of doc ids (`mote_jax.data.finetune.write_negatives`) at `out_path`."""
   evaluate(config, params, tokenizer, beir_dir, split, out_dir=out_dir, method=method, k=depth,
            encode_options=encode_options, partitioner=partitioner, corpus_dir=corpus_dir)
   data = beir.load_beir(beir_dir, split)
   run = metrics.read_run(Path(out_dir) / f"run-{split}-{method}.trec")
-  groups = beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
-                       num_negatives=num_negatives, skip_first=skip_first)
+  groups = beir_groups(data.corpus.ids, data.queries, data.qrels, run, num_negatives=num_negatives,
+                       skip_first=skip_first)
   if jax.process_index() == 0:
-    write_negatives(out_path, groups)
+    write_negatives(out_path, groups, data.corpus.ids)
   log.info("mined %d negatives for each of %d queries into %s", num_negatives, len(groups), out_path)
   return str(out_path)
 

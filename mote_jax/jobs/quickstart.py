@@ -63,7 +63,7 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
   timings["zero_shot"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  run = bm25_run(test.corpus.ids, test.corpus.passages(), test.queries, k=1000)
+  run = bm25_run(test.corpus.ids, test.corpus.passages(), test.queries, k=1000).to_dict(test.corpus.ids)
   rows["BM25 (bm25s, this pipeline)"] = metrics.compute_metrics(test.qrels, run)
   timings["bm25"] = time.perf_counter() - t
 
