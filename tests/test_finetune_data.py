@@ -216,3 +216,75 @@ def test_training_groups_drop_judged_passages_from_a_mined_file(tmp_path):
   assert training.query_texts == ("a query",)
   assert [ids[r] for r in group.negatives_of(0)] == ["d3", "d4"]
   assert {ids[r] for r in group.judged_of(0)} == {"d0", "d1"}
+
+
+def test_stream_of_cached_token_arrays_matches_the_tokenizer(tmp_path, tokenizer, scifact_train, scifact_bm25,
+                                                              monkeypatch):
+  """FinetuneStream.build tokenises the corpus and queries once into the cache (memory-mapped), and its batches
+  hold exactly what the tokenizer gives for each drawn passage; a second build reads the cache."""
+  from mote_jax.data import flat_tokens
+  from mote_jax.data.finetune import TrainingData
+  ids, passages = scifact_train.corpus.ids, scifact_train.corpus.passages()
+  table = beir_groups(ids, scifact_train.queries, scifact_train.qrels, scifact_bm25, num_negatives=5)
+  data = TrainingData(table, ids, passages, tuple(scifact_train.queries[q] for q in table.query_ids),
+                      flat_tokens.texts_fingerprint(passages, ids))
+  sampling = SamplingConfig(negatives=3, query_max_len=16, passage_max_len=24)
+  stream = FinetuneStream.build(data, tokenizer, sampling, seed=5, cache_dir=tmp_path / "cache")
+  assert isinstance(stream.passages.ids, np.memmap) and len(stream.passages) == len(ids)
+  entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+  assert [e.split("-")[0] for e in entries] == ["corpus", "queries"]
+  batch = next(FinetuneBatches(stream, batch_size=16, start_step=7))
+
+  def padded(text, length):
+    row = tokenizer(text, truncation=True, max_length=length)["input_ids"]
+    return row + [tokenizer.pad_token_id] * (length - len(row))
+
+  by_query = {}
+  for i, q in enumerate(table.query_ids):
+    by_query.setdefault(tuple(padded(scifact_train.queries[q], 16)), i)
+  for r in range(16):
+    rows = batch["passage_doc_index"][r]
+    assert [list(x) for x in batch["passage_input_ids"][r]] == [padded(passages[i], 24) for i in rows]
+    group = by_query[tuple(batch["query_input_ids"][r])]
+    assert rows[0] in set(table.positives_of(group))
+    assert set(rows[1:]) <= set(table.negatives_of(group))
+    assert set(batch["query_judged_index"][r][batch["query_judged_index"][r] >= 0]) == set(table.judged_of(group))
+
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError("the token cache was rebuilt")
+
+  monkeypatch.setattr(flat_tokens, "write_tokens", no_rebuild)
+  again = FinetuneStream.build(data, tokenizer, sampling, seed=5, cache_dir=tmp_path / "cache")
+  resumed = next(FinetuneBatches(again, batch_size=16, start_step=7))
+  for key in batch:
+    np.testing.assert_array_equal(resumed[key], batch[key])
+  # Another length is another cache entry (the fingerprint holds the length).
+  monkeypatch.undo()
+  FinetuneStream.build(data, tokenizer, SamplingConfig(negatives=3, query_max_len=16, passage_max_len=32),
+                       cache_dir=tmp_path / "cache")
+  assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 3
+
+
+def test_sharded_bm25_run_is_cached_and_threads_agree(tmp_path, scifact_train, scifact_bm25, monkeypatch):
+  """The cached, multi-threaded run equals the in-process single-threaded one; a second call (stage 2) reads the
+  cache; other k1/b are another entry."""
+  from mote_jax.data import bm25
+  ids, passages, queries = scifact_train.corpus.ids, scifact_train.corpus.passages(), scifact_train.queries
+  run = bm25.sharded_bm25_run(ids, passages, queries, depth=100, n_threads=2, cache_dir=tmp_path, split="train")
+  assert run.query_ids == scifact_bm25.query_ids
+  np.testing.assert_array_equal(run.rows, scifact_bm25.rows)
+  np.testing.assert_allclose(run.scores, scifact_bm25.scores, rtol=1e-6)
+  parts = list((tmp_path / "bm25").glob("train-*/part-00000-of-00001.npz"))
+  assert len(parts) == 1
+
+  def no_retrieval(*args, **kwargs):
+    raise AssertionError("retrieved again")
+
+  monkeypatch.setattr(bm25, "retrieve", no_retrieval)
+  again = bm25.sharded_bm25_run(ids, passages, queries, depth=100, cache_dir=tmp_path, split="train")
+  np.testing.assert_array_equal(again.rows, run.rows)
+  monkeypatch.undo()
+  other = bm25.sharded_bm25_run(ids, passages, queries, depth=100, k1=0.82, b=0.68, cache_dir=tmp_path,
+                                split="train")
+  assert len(list((tmp_path / "bm25").glob("train-*"))) == 2
+  assert (other.rows != run.rows).any()

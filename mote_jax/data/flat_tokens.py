@@ -158,8 +158,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
   digest = hashlib.sha256(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|"
                           f"{len(tokenizer)}|{tokenizer.pad_token_id}".encode())
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is not None:
-    digest.update(backend.to_str().encode())
+  if backend is not None:  # the pipeline, without the call-time truncation / padding state a call leaves there
+    pipeline = json.loads(backend.to_str())
+    pipeline.pop("truncation", None)
+    pipeline.pop("padding", None)
+    digest.update(json.dumps(pipeline, sort_keys=True).encode())
   else:
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
   return digest.hexdigest()[:16]
