@@ -511,6 +511,7 @@ def test_jobs_derive_gs_paths_from_model_dir(fake_gcs, monkeypatch, data_dir, mi
 
   monkeypatch.setattr(pretrain_job, "Checkpointer", checkpointer)
   monkeypatch.setattr(finetune_job, "Checkpointer", checkpointer)
+  monkeypatch.setenv("MOTE_JAX_LOCAL_CACHE", str(tmp_path / "local_cache"))  # where gs:// cache entries are mapped
   with pytest.raises(Built):
     mp_common.run_job(mp_common.pretrain_flags("gs://bucket/pre", data_dir))
   assert built == ["gs://bucket/pre/checkpoints"]
@@ -520,11 +521,14 @@ def test_jobs_derive_gs_paths_from_model_dir(fake_gcs, monkeypatch, data_dir, mi
   with pytest.raises(Built):
     mp_common.run_job(mp_common.finetune_flags("gs://bucket/ft", data_dir, bert_dir))
   assert built[-1] == "gs://bucket/ft/checkpoints"
-  cache = "gs://bucket/ft/cache/bm25-scifact-train-100.trec"
-  assert cache in fake_gcs.writes
-  groups = finetune_job.training_groups(str(data_dir / "scifact"), "train", num_negatives=4,
-                                        cache_dir="gs://bucket/ft/cache")  # read back from the cache
-  assert len(groups) == 809 and fake_gcs.writes.count(cache) == 1
+  (cache,) = [w for w in fake_gcs.writes if w.startswith("gs://bucket/ft/cache/bm25/scifact-train-")
+              and w.endswith("/part-00000-of-00001.npz")]
+  tokens = [w for w in fake_gcs.writes if w.startswith("gs://bucket/ft/cache/tokens/")]
+  assert {w.rsplit("/", 1)[1] for w in tokens} == {"ids.npy", "offsets.npy", "meta.json"}
+  assert tokens[-1].endswith("meta.json")  # the completion mark comes last
+  data = finetune_job.training_groups(str(data_dir / "scifact"), "train", num_negatives=4,
+                                      cache_dir="gs://bucket/ft/cache")  # read back from the cache
+  assert len(data) == 809 and fake_gcs.writes.count(cache) == 1
 
   with pytest.raises(NotImplementedError, match="gs://bucket/ft2/eval"):
     mp_common.run_job([*mp_common.finetune_flags("gs://bucket/ft2", data_dir, bert_dir),

@@ -49,7 +49,7 @@ import numpy as np
 from etils import epath
 
 from mote_jax.data.bm25 import RankedRun, bm25_run, sharded_bm25_run  # noqa: F401  (re-exported)
-from mote_jax.data.flat_tokens import FlatTokens, cached_tokens, texts_fingerprint
+from mote_jax.data.flat_tokens import FlatTokens, cached_tokens, is_uri, texts_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -271,17 +271,18 @@ def read_negatives(path: str | os.PathLike, corpus_index: Mapping[str, int],
 
 def write_negatives(path: str | os.PathLike, groups: GroupTable, corpus_ids: Sequence[str]) -> epath.Path:
   """Writes groups in the ids format (doc ids only, no text; see the module docstring), through a temporary file
-  and a rename; local or gs://."""
+  and a rename (gs://: one object write, which is atomic)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp = path if is_uri(path) else path.parent / f".{path.name}.tmp-{os.getpid()}"
   ids = lambda rows: [corpus_ids[r] for r in rows]  # noqa: E731
   with tmp.open("w") as f:
     for i, qid in enumerate(groups.query_ids):
       f.write(json.dumps({"query_id": qid, "positive_document_ids": ids(groups.positives_of(i)),
                           "negative_document_ids": ids(groups.negatives_of(i)),
                           "judged_document_ids": ids(groups.judged_of(i))}) + "\n")
-  tmp.replace(path)
+  if tmp != path:
+    tmp.replace(path)
   return path
 
 
