@@ -534,3 +534,42 @@ def test_jobs_derive_gs_paths_from_model_dir(fake_gcs, monkeypatch, data_dir, mi
     mp_common.run_job([*mp_common.finetune_flags("gs://bucket/ft2", data_dir, bert_dir),
                        f"--gin.finetune.eval_data={data_dir / 'scifact'}"])
   assert finetune_job.mined_negatives_path("gs://bucket/ft") == "gs://bucket/ft/mined_negatives.jsonl"
+
+
+@pytest.mark.slow  # about 110 s on the shared 2-core machine (two JAX processes start, each builds the groups)
+def test_bm25_negatives_are_sharded_over_two_processes(tmp_path, data_dir):
+  """2 processes x 4 devices build SciFact train's BM25 groups: each retrieves its half of the queries (process 0
+  the first half), both get the same groups, equal to those of one process retrieving every query itself."""
+  from mote_jax.jobs.finetune import training_groups
+  from mote_jax.retrieval.beir import load_beir
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+  port = _free_port()
+  script = REPO / "tests" / "multiprocess" / "bm25_worker.py"
+  logs = [tmp_path / f"bm25_worker{i}.log" for i in range(2)]
+  workers = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(port), str(i), str(data_dir)],
+                              cwd=REPO, env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
+             for i in range(2)]
+  try:
+    reference = training_groups(str(data_dir / "scifact"), "train", num_negatives=4).groups  # no cache, 1 process
+    for worker in workers:
+      worker.wait(timeout=600)
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+  for i, worker in enumerate(workers):
+    assert worker.returncode == 0, f"BM25 worker {i} failed:\n{logs[i].read_text()[-5000:]}"
+  queries = list(load_beir(data_dir / "scifact", "train").queries.values())
+  half = len(queries) // 2
+  records = [json.loads((tmp_path / f"retrieved-p{i}.json").read_text()) for i in range(2)]
+  assert [(r["processes"], r["devices"], r["local_devices"]) for r in records] == [(2, 8, 4)] * 2
+  assert records[0]["queries"] == queries[:half] and records[1]["queries"] == queries[half:]
+  assert sorted(p.name for p in (tmp_path / "cache" / "bm25").glob("*/part-*")) == [
+      "part-00000-of-00002.npz", "part-00001-of-00002.npz"]
+  for i in range(2):
+    groups = np.load(tmp_path / f"groups-p{i}.npz")
+    assert tuple(groups["query_ids"]) == reference.query_ids
+    for name in ("positive_offsets", "positives", "negative_offsets", "negatives", "judged_offsets", "judged"):
+      np.testing.assert_array_equal(groups[name], getattr(reference, name), err_msg=f"process {i}: {name}")
