@@ -29,13 +29,16 @@ def test_two_stage_recipe_end_to_end(tmp_path, data_dir, random_bert_dir):
   # Mining searched the evaluation's corpus encoding instead of encoding the corpus again.
   assert not (stage1 / "mining" / "corpus").exists() and (stage1 / "mining" / "run-test-exact.trec").exists()
   mined = [json.loads(line) for line in (stage1 / "mined_negatives.jsonl").read_text().splitlines()]
-  assert len(mined) == 43 and all(len(m["negative_passages"]) == 30 for m in mined)
+  assert len(mined) == 43 and all(len(m["negative_document_ids"]) == 30 for m in mined)
+  # Doc ids only, never passage text.
+  assert all(set(m) == {"query_id", "positive_document_ids", "negative_document_ids", "judged_document_ids"}
+             for m in mined)
   qrels = {}
   for line in (subset / "qrels" / "test.tsv").read_text().splitlines()[1:]:
     q, d, rel = line.split("\t")
     qrels.setdefault(q, {})[d] = int(rel)
   for m in mined:  # judged positives never come back as negatives
-    assert not {p["docid"] for p in m["negative_passages"]} & {d for d, r in qrels[m["query_id"]].items() if r > 0}
+    assert not set(m["negative_document_ids"]) & {d for d, r in qrels[m["query_id"]].items() if r > 0}
   assert (stage1 / "hf" / "query" / "model.safetensors").exists()
 
   stage2 = tmp_path / "s2"
