@@ -44,13 +44,19 @@ def _words(seed: int = 0):
   return tokenizer, words, lambda n: rng.choice(len(words), size=n, p=weights)
 
 
-def _texts(words, draw, count: int, low: int, high: int, seed: int) -> list[str]:
+def _texts(words, draw, count: int, low: int, high: int, seed: int, chunk: int = 10_000) -> list[str]:
+  """`count` texts of low..high words, drawn chunk by chunk (a whole corpus of word arrays would dwarf the
+  texts themselves)."""
   import numpy as np
   rng = np.random.default_rng(seed)
-  lengths = rng.integers(low, high + 1, count)
-  flat = words[draw(int(lengths.sum()))]
-  bounds = np.concatenate([[0], np.cumsum(lengths)])
-  return [" ".join(flat[bounds[i]:bounds[i + 1]]) for i in range(count)]
+  vocabulary = words.tolist()
+  texts = []
+  for start in range(0, count, chunk):
+    lengths = rng.integers(low, high + 1, min(chunk, count - start))
+    flat = draw(int(lengths.sum())).tolist()
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    texts += [" ".join([vocabulary[w] for w in flat[bounds[i]:bounds[i + 1]]]) for i in range(len(lengths))]
+  return texts
 
 
 def _build_and_draw(num_passages: int, num_queries: int, num_negatives: int, batch: int, timed: int) -> dict:

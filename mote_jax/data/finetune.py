@@ -119,7 +119,8 @@ def _csr(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   """(offsets int64 [N + 1], values int32 [sum of lengths]) of N integer lists."""
   offsets = np.zeros(len(lists) + 1, np.int64)
   offsets[1:] = np.cumsum(np.fromiter(map(len, lists), np.int64, count=len(lists)))
-  values = np.fromiter((int(v) for row in lists for v in row), np.int32, count=int(offsets[-1]))
+  values = (np.concatenate([np.asarray(row, np.int32).reshape(-1) for row in lists]) if len(lists)
+            else np.zeros(0, np.int32))
   return offsets, values
 
 
@@ -297,15 +298,21 @@ def merge_groups(tables: Sequence[GroupTable], judged: Mapping[str, Sequence[int
       holders.setdefault(qid, []).append((table, i))
   qids, positives, negatives, judged_rows = [], [], [], []
   for qid, held in holders.items():
-    rows = dict.fromkeys(int(r) for t, i in held for r in t.judged_of(i))
-    rows.update(dict.fromkeys(int(r) for r in judged.get(qid, ())))
-    rows.update(dict.fromkeys(int(r) for r in held[0][0].positives_of(held[0][1])))
-    negative = [r for r in dict.fromkeys(int(r) for t, i in held for r in t.negatives_of(i)) if r not in rows]
+    first, i0 = held[0]
+    known = _ordered_unique(np.concatenate([t.judged_of(i) for t, i in held]
+                                           + [np.asarray(judged.get(qid, ()), np.int32), first.positives_of(i0)]))
+    negative = _ordered_unique(np.concatenate([t.negatives_of(i) for t, i in held]))
     qids.append(qid)
-    positives.append(held[0][0].positives_of(held[0][1]))
-    negatives.append(negative)
-    judged_rows.append(list(rows))
+    positives.append(first.positives_of(i0))
+    negatives.append(negative[~np.isin(negative, known)])
+    judged_rows.append(known)
   return GroupTable.from_lists(qids, positives, negatives, judged_rows)
+
+
+def _ordered_unique(values: np.ndarray) -> np.ndarray:
+  """`values` without repeats, in order of first occurrence."""
+  _, first = np.unique(values, return_index=True)
+  return values[np.sort(first)]
 
 
 @dataclasses.dataclass(frozen=True)
