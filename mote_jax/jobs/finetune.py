@@ -31,13 +31,13 @@ import numpy as np
 from etils import epath
 
 from mote_jax import hf_interop
-from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
-                                    beir_groups, bm25_run, split_dev, tevatron_groups, write_negatives)
+from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, Passage, SamplingConfig, TrainGroup,
+                                    beir_groups, bm25_run, split_dev, tevatron_groups)
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
-from mote_jax.retrieval.evaluate import evaluate, evaluate_dataset
+from mote_jax.retrieval.evaluate import Evaluator, StreamedText, evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
 from mote_jax.training.builder import build_trainer
 from mote_jax.training.optimizer import OptimizerConfig
@@ -118,6 +118,8 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
           _write_run(cached, run, tag="bm25s")
       sources.append(beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
                                  num_negatives=num_negatives, min_positive_grade=min_positive_grade))
+    elif _is_ids_only(source):
+      sources.append(read_mined_negatives(source, data, min_positive_grade))
     else:
       sources.append([g for g in tevatron_groups(source) if g.query_id in data.queries])
   groups = [_exclude_judged(g, data.qrels.get(g.query_id, {})) for g in _merge(sources)]
@@ -435,46 +437,139 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
 
 @gin.configurable
 def mined_negatives_path(model_dir: str = gin.REQUIRED) -> str:
-  """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives for stage 2."""
+  """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives (ids only) for stage 2."""
   return os.fspath(epath.Path(model_dir) / "mined_negatives.jsonl")
 
 
 @gin.configurable(denylist=["config", "params", "tokenizer", "partitioner", "corpus_dir"])
 def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str, split: str, out_path: str, *,
-                   out_dir: str | Path, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
+                   out_dir: str | os.PathLike, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
                    method: str = "exact", encode_options: encode.EncodeOptions = encode.EncodeOptions(),
-                   partitioner: Partitioner | None = None, corpus_dir: str | Path | None = None) -> str:
-  """Retrieves `split`'s queries with the model, drops judged positives, and writes the top-ranked rest
-  (after `skip_first`) as Tevatron jsonl negatives at `out_path`."""
-  evaluate(config, params, tokenizer, beir_dir, split, out_dir=out_dir, method=method, k=depth,
-           encode_options=encode_options, partitioner=partitioner, corpus_dir=corpus_dir)
+                   scann_config: search.ScannConfig = search.ScannConfig(), min_positive_grade: int = 1,
+                   partitioner: Partitioner | None = None, corpus_dir: str | os.PathLike | None = None,
+                   block_rows: int | None = None) -> str:
+  """Retrieves `split`'s queries with the model (top `depth`), drops every judged passage, and writes the
+  top-ranked rest (after `skip_first`) to `out_path` (local or gs://), ids only, one json line per query:
+
+      {"query_id": "q1", "negative_ids": ["d7", "d3", ...]}     (best first, at most num_negatives)
+
+  Queries without a positive judgement (grade >= `min_positive_grade`) or without a negative are left out
+  (counted in the log). The search is sharded over processes (each searches its share of the queries, see
+  `retrieval.sharded`); every block's results reach every process and process 0 streams the file, written
+  once (temporary name, then renamed). out_dir holds the query embeddings (and the corpus's, unless `corpus_dir`,
+  e.g. an evaluation's store of the same model and corpus, is given).
+  """
   data = beir.load_beir(beir_dir, split)
-  run = metrics.read_run(Path(out_dir) / f"run-{split}-{method}.trec")
-  groups = beir_groups(data.corpus.ids, data.corpus.passages(), data.queries, data.qrels, run,
-                       num_negatives=num_negatives, skip_first=skip_first)
-  if jax.process_index() == 0:
-    write_negatives(out_path, groups)
-  log.info("mined %d negatives for each of %d queries into %s", num_negatives, len(groups), out_path)
-  return str(out_path)
+  evaluator = Evaluator(config, params, tokenizer, method=method, k=depth, encode_options=encode_options,
+                        scann_config=scann_config, partitioner=partitioner, block_rows=block_rows)
+  target = epath.Path(out_path)
+  text = StreamedText(target, jax.process_index() == 0)
+  counts = {"written": 0, "without_positive": 0, "without_negative": 0}
+
+  def consume(query_ids, doc_ids, scores, indices):
+    lines = []
+    for qid, row in zip(query_ids, indices):
+      judged = data.qrels.get(qid, {})
+      if not any(grade >= min_positive_grade for grade in judged.values()):
+        counts["without_positive"] += 1
+        continue
+      ranked = [doc_ids[i] for i in row if i >= 0 and doc_ids[i] not in judged][skip_first:skip_first + num_negatives]
+      if not ranked:
+        counts["without_negative"] += 1
+        continue
+      lines.append(json.dumps({"query_id": qid, "negative_ids": ranked}) + "\n")
+    counts["written"] += len(lines)
+    text.write("".join(lines))
+
+  try:
+    found = evaluator.search(data, out_dir, consume, corpus_dir=corpus_dir)
+  except BaseException:
+    text.abort()
+    raise
+  text.close()
+  if jax.process_count() > 1:  # the file is complete when any process returns
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"mine_negatives {target}")
+  log.info("mined up to %d negatives for each of %d queries into %s (left out: %d without a positive, %d without "
+           "a negative; search %s)", num_negatives, counts["written"], target, counts["without_positive"],
+           counts["without_negative"], found["search"])
+  return os.fspath(target)
+
+
+def read_mined_negatives(path: str | os.PathLike, data: beir.BeirDataset,
+                         min_positive_grade: int = 1) -> list[TrainGroup]:
+  """Training groups of an ids-only negatives file (`mine_negatives`'s format) of `data`'s queries: texts from
+  `data`'s corpus, positives from its qrels; lines of other queries are skipped. Negative ids not in the corpus
+  raise ValueError with their count and the first few; errors name file:line."""
+  path = epath.Path(path)
+  text = dict(zip(data.corpus.ids, data.corpus.passages()))
+  groups, unknown = [], []
+  with path.open("r") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        qid, negative_ids = str(record["query_id"]), [str(d) for d in record["negative_ids"]]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{line_no}: expected {{\"query_id\", \"negative_ids\": [...]}} ({e})") from e
+      unknown += [d for d in negative_ids if d not in text]
+      if qid not in data.queries or unknown:
+        continue
+      judged = data.qrels.get(qid, {})
+      positives = sorted((d for d, grade in judged.items() if grade >= min_positive_grade), key=lambda d: -judged[d])
+      negatives = [d for d in negative_ids if d not in judged]
+      if positives and negatives:
+        groups.append(TrainGroup(qid, data.queries[qid], tuple(Passage(d, text[d]) for d in positives),
+                                 tuple(Passage(d, text[d]) for d in negatives), judged=tuple(judged)))
+  if unknown:
+    raise ValueError(f"{path}: {len(unknown)} negative ids are not in the corpus of {data.name}, e.g. "
+                     f"{unknown[:5]}")
+  return groups
+
+
+def _is_ids_only(path: str | os.PathLike) -> bool:
+  """Whether a negatives file is ids-only (`mine_negatives`) rather than Tevatron jsonl with texts."""
+  with epath.Path(path).open("r") as f:
+    for line in f:
+      if line.strip():
+        try:
+          return "negative_ids" in json.loads(line)
+        except json.JSONDecodeError:
+          return False
+  return False
 
 
 @gin.configurable
-def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str = gin.REQUIRED,
+def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data=gin.REQUIRED,
                  split: str = "test", method: str = "exact", k: int = 1000, mesh: MeshConfig = MeshConfig(),
                  measures: Sequence[str] = metrics.DEFAULT_MEASURES,
                  encode_options: encode.EncodeOptions = encode.EncodeOptions(),
-                 scann_config: search.ScannConfig = search.ScannConfig()) -> dict:
-  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval (MODEL_DIR/eval/<name>
-  when `data` is a list of BEIR directories, one report each)."""
+                 scann_config: search.ScannConfig = search.ScannConfig(), recall_sample: int = 1000) -> dict:
+  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval.
+
+  `data`: a BEIR directory, or a list of them (each entry a directory, scored on `split`, or a [directory,
+  split] pair), one report each in MODEL_DIR/eval/<name> (<name>-<split> for pairs). Query sets sharing a corpus
+  (MS MARCO dev, TREC DL 2019 and 2020: one corpus.jsonl) encode it once, in MODEL_DIR/eval/corpora/<key>, and
+  search one index; the datasets are loaded one at a time. `recall_sample`: queries on which ScaNN's recall@10
+  against exact search is measured (method 'scann')."""
   _check_local(model_dir, "evaluate_job")
   config, params, tokenizer_dir = model.load()
   tokenizer, partitioner = _tokenizer(tokenizer_dir), Partitioner.create(mesh)
-  run_one = lambda directory, out: evaluate(  # noqa: E731
-      config, params, tokenizer, directory, split, out_dir=out, method=method, k=k, encode_options=encode_options,
-      scann_config=scann_config, partitioner=partitioner, measures=measures)
-  if isinstance(data, (list, tuple)):
-    return {Path(d).name: run_one(d, Path(model_dir) / "eval" / Path(d).name) for d in data}
-  return run_one(data, Path(model_dir) / "eval")
+  options = dict(method=method, k=k, encode_options=encode_options, scann_config=scann_config,
+                 partitioner=partitioner, measures=measures, recall_sample=recall_sample)
+  eval_dir = epath.Path(model_dir) / "eval"
+  if not isinstance(data, (list, tuple)):
+    evaluator = Evaluator(config, params, tokenizer, **options)
+    return evaluator.evaluate(beir.load_beir(data, split), eval_dir, beir_dir=data)
+  entries = [(d, split, epath.Path(d).name) if isinstance(d, (str, os.PathLike)) else
+             (d[0], d[1], f"{epath.Path(d[0]).name}-{d[1]}") for d in data]
+  names = [name for _, _, name in entries]
+  if len(set(names)) != len(names):
+    raise ValueError(f"evaluate_job.data: two entries share a report directory name: {names}")
+  evaluator = Evaluator(config, params, tokenizer, corpus_root=eval_dir / "corpora", **options)
+  return {name: evaluator.evaluate(beir.load_beir(directory, entry_split), eval_dir / name, beir_dir=directory)
+          for directory, entry_split, name in entries}
 
 
 @gin.configurable

@@ -11,6 +11,7 @@ bfloat16 passes) on the devices of this process only, so in multi-process runs i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -63,8 +64,9 @@ def _chunks(corpus, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     yield offset, np.concatenate(buffer)
 
 
+@functools.lru_cache(maxsize=16)
 def _exact_chunk_fn(mesh: Mesh, k: int):
-  """jit of (queries [Qb, H], chunk [C, H] sharded on rows, valid rows) -> top-k (scores, chunk indices)."""
+  """(cached per mesh and k: a search of query blocks, or of several query sets, compiles once) jit of (queries [Qb, H], chunk [C, H] sharded on rows, valid rows) -> top-k (scores, chunk indices)."""
   def local(queries, chunk, valid):
     rows = chunk.shape[0]  # this device's rows
     first = jax.lax.axis_index("rows") * rows
