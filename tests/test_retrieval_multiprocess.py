@@ -153,8 +153,8 @@ def test_two_processes_search_and_mine_like_one(tmp_path, data_dir, minilm_path,
   assert report["devices"]["processes"] == 2 and report["devices"]["count"] == 8
   assert report["search"]["processes"] == 2 and report["search"]["block_rows"] == BLOCK_ROWS
   assert report["metrics"] == reference["metrics"]
-  # (below 1 although ScaNN scores this small corpus exactly: the random tiny model has near ties, which float32
-  # and float64-free orders settle differently; the point is that both runs agree)
+  # (below 1 although ScaNN scores this small corpus exactly: its brute force and the exact search sum in other
+  # orders, and the random tiny model has near ties; both runs agree)
   assert report["search"]["recall_vs_exact_at_10"] == reference["search"]["recall_vs_exact_at_10"]
   assert report["search"]["recall_sample"] == reference["search"]["recall_sample"] == {"queries": 8, "seed": 0}
   assert (multi / "run-test-scann.trec").read_text() == (single / "run-test-scann.trec").read_text()

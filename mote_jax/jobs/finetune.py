@@ -7,8 +7,9 @@ step 0 included, are kept in MODEL_DIR/best and are the ones exported, evaluated
 never ships a model worse on dev than the one it started from. MODEL_DIR/report.{json,md} give the dev curve, the
 chosen step, whether step 0 won, the test metrics and the process's peak RSS.
 
-Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model and
-writes the top-ranked non-positives as a Tevatron jsonl; stage 2 trains from the initial checkpoint again with
+Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model (the
+search sharded over processes by query, see `retrieval.sharded`) and writes the top-ranked unjudged passages' ids
+(one `{"query_id", "negative_ids"}` line per query, never texts); stage 2 trains from the initial checkpoint again with
 BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 """
 
