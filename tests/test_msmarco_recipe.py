@@ -32,7 +32,8 @@ def test_two_stage_recipe_end_to_end(tmp_path, data_dir, random_bert_dir):
   mined = [json.loads(line) for line in (stage1 / "mined_negatives.jsonl").read_text().splitlines()]
   assert len(mined) == 43 and all(set(m) == {"query_id", "negative_ids"} for m in mined)
   assert all(len(m["negative_ids"]) == 30 for m in mined)
-  corpus_ids = {json.loads(line)["_id"] for line in (subset / "corpus.jsonl").read_text().splitlines()}
+  from mote_jax.retrieval.beir import load_corpus
+  corpus_ids = set(load_corpus(subset / "corpus.jsonl").ids)
   assert all(set(m["negative_ids"]) <= corpus_ids for m in mined)
   qrels = {}
   for line in (subset / "qrels" / "test.tsv").read_text().splitlines()[1:]:
