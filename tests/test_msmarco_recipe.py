@@ -27,18 +27,22 @@ def test_two_stage_recipe_end_to_end(tmp_path, data_dir, random_bert_dir):
   report = json.loads((stage1 / "eval" / "report-test-exact.json").read_text())
   assert set(report["metrics"]) == {"RR@10", "R@50", "R@1000", "nDCG@10"}
   # Mining searched the evaluation's corpus encoding instead of encoding the corpus again.
-  assert not (stage1 / "mining" / "corpus").exists() and (stage1 / "mining" / "run-test-exact.trec").exists()
+  assert not (stage1 / "mining" / "corpus").exists() and (stage1 / "mining" / "queries-test").exists()
+  # The mined file holds ids only, never passage text.
   mined = [json.loads(line) for line in (stage1 / "mined_negatives.jsonl").read_text().splitlines()]
   assert len(mined) == 43 and all(len(m["negative_document_ids"]) == 30 for m in mined)
   # Doc ids only, never passage text.
   assert all(set(m) == {"query_id", "positive_document_ids", "negative_document_ids", "judged_document_ids"}
              for m in mined)
+  from mote_jax.retrieval.beir import load_corpus
+  corpus_ids = set(load_corpus(subset / "corpus.jsonl").ids)
+  assert all(set(m["negative_document_ids"]) <= corpus_ids for m in mined)
   qrels = {}
   for line in (subset / "qrels" / "test.tsv").read_text().splitlines()[1:]:
     q, d, rel = line.split("\t")
     qrels.setdefault(q, {})[d] = int(rel)
   for m in mined:  # judged positives never come back as negatives
-    assert not set(m["negative_document_ids"]) & {d for d, r in qrels[m["query_id"]].items() if r > 0}
+    assert not set(m["negative_document_ids"]) & set(qrels[m["query_id"]])
   assert (stage1 / "hf" / "query" / "model.safetensors").exists()
 
   stage2 = tmp_path / "s2"

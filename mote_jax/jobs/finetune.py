@@ -7,8 +7,9 @@ step 0 included, are kept in MODEL_DIR/best and are the ones exported, evaluated
 never ships a model worse on dev than the one it started from. MODEL_DIR/report.{json,md} give the dev curve, the
 chosen step, whether step 0 won, the test metrics and the process's peak RSS.
 
-Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model and
-writes the top-ranked non-positives as a Tevatron jsonl; stage 2 trains from the initial checkpoint again with
+Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model (the
+search sharded over processes by query, see `retrieval.sharded`) and writes the top-ranked unjudged passages' ids
+(ids only, one line per query, never texts: `mote_jax.data.finetune`'s ids format); stage 2 trains from the initial checkpoint again with
 BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 """
 
@@ -32,13 +33,13 @@ from etils import epath
 from mote_jax import hf_interop
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, GroupTable, SamplingConfig, TrainingData,
                                     beir_groups, corpus_rows, merge_groups, read_negatives, sharded_bm25_run,
-                                    split_dev, write_negatives)
+                                    split_dev)
 from mote_jax.data.flat_tokens import texts_fingerprint
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
-from mote_jax.retrieval.evaluate import evaluate, evaluate_dataset
+from mote_jax.retrieval.evaluate import Evaluator, StreamedText, evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
 from mote_jax.training.builder import build_trainer
 from mote_jax.training.optimizer import OptimizerConfig
@@ -408,46 +409,100 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
 
 @gin.configurable
 def mined_negatives_path(model_dir: str = gin.REQUIRED) -> str:
-  """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives for stage 2."""
+  """MODEL_DIR/mined_negatives.jsonl: where stage 1 leaves the negatives (ids only) for stage 2."""
   return os.fspath(epath.Path(model_dir) / "mined_negatives.jsonl")
 
 
 @gin.configurable(denylist=["config", "params", "tokenizer", "partitioner", "corpus_dir"])
 def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str, split: str, out_path: str, *,
-                   out_dir: str | Path, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
+                   out_dir: str | os.PathLike, depth: int = 200, skip_first: int = 0, num_negatives: int = 30,
                    method: str = "exact", encode_options: encode.EncodeOptions = encode.EncodeOptions(),
-                   partitioner: Partitioner | None = None, corpus_dir: str | Path | None = None) -> str:
-  """Retrieves `split`'s queries with the model, drops judged positives, and writes the top-ranked rest
-  (after `skip_first`) as a negatives file of doc ids (`mote_jax.data.finetune.write_negatives`) at `out_path`."""
-  evaluate(config, params, tokenizer, beir_dir, split, out_dir=out_dir, method=method, k=depth,
-           encode_options=encode_options, partitioner=partitioner, corpus_dir=corpus_dir)
+                   scann_config: search.ScannConfig = search.ScannConfig(), min_positive_grade: int = 1,
+                   partitioner: Partitioner | None = None, corpus_dir: str | os.PathLike | None = None,
+                   block_rows: int | None = None) -> str:
+  """Retrieves `split`'s queries with the model (top `depth`), drops every judged passage, and writes the
+  top-ranked rest (after `skip_first`) to `out_path` (local or gs://), ids only, one json line per query:
+
+      {"query_id": "q1", "positive_document_ids": [...], "negative_document_ids": ["d7", "d3", ...],
+       "judged_document_ids": [...]}
+
+  (`mote_jax.data.finetune`'s ids format; negatives best first, at most num_negatives)
+
+  Queries without a positive judgement (grade >= `min_positive_grade`) or without a negative are left out
+  (counted in the log). The search is sharded over processes (each searches its share of the queries, see
+  `retrieval.sharded`); every block's results reach every process and process 0 streams the file, written
+  once (temporary name, then renamed). out_dir holds the query embeddings (and the corpus's, unless `corpus_dir`,
+  e.g. an evaluation's store of the same model and corpus, is given).
+  """
   data = beir.load_beir(beir_dir, split)
-  run = metrics.read_run(Path(out_dir) / f"run-{split}-{method}.trec")
-  groups = beir_groups(data.corpus.ids, data.queries, data.qrels, run, num_negatives=num_negatives,
-                       skip_first=skip_first)
-  if jax.process_index() == 0:
-    write_negatives(out_path, groups, data.corpus.ids)
-  log.info("mined %d negatives for each of %d queries into %s", num_negatives, len(groups), out_path)
-  return str(out_path)
+  evaluator = Evaluator(config, params, tokenizer, method=method, k=depth, encode_options=encode_options,
+                        scann_config=scann_config, partitioner=partitioner, block_rows=block_rows)
+  target = epath.Path(out_path)
+  text = StreamedText(target, jax.process_index() == 0)
+  counts = {"written": 0, "without_positive": 0, "without_negative": 0}
+
+  def consume(query_ids, doc_ids, scores, indices):
+    lines = []
+    for qid, row in zip(query_ids, indices):
+      judged = data.qrels.get(qid, {})
+      if not any(grade >= min_positive_grade for grade in judged.values()):
+        counts["without_positive"] += 1
+        continue
+      ranked = [doc_ids[i] for i in row if i >= 0 and doc_ids[i] not in judged][skip_first:skip_first + num_negatives]
+      if not ranked:
+        counts["without_negative"] += 1
+        continue
+      positives = sorted((d for d, grade in judged.items() if grade >= min_positive_grade), key=lambda d: -judged[d])
+      lines.append(json.dumps({"query_id": qid, "positive_document_ids": positives, "negative_document_ids": ranked,
+                               "judged_document_ids": list(judged)}) + "\n")
+    counts["written"] += len(lines)
+    text.write("".join(lines))
+
+  try:
+    found = evaluator.search(data, out_dir, consume, corpus_dir=corpus_dir)
+  except BaseException:
+    text.abort()
+    raise
+  text.close()
+  if jax.process_count() > 1:  # the file is complete when any process returns
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"mine_negatives {target}")
+  log.info("mined up to %d negatives for each of %d queries into %s (left out: %d without a positive, %d without "
+           "a negative; search %s)", num_negatives, counts["written"], target, counts["without_positive"],
+           counts["without_negative"], found["search"])
+  return os.fspath(target)
 
 
 @gin.configurable
-def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data: str = gin.REQUIRED,
+def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data=gin.REQUIRED,
                  split: str = "test", method: str = "exact", k: int = 1000, mesh: MeshConfig = MeshConfig(),
                  measures: Sequence[str] = metrics.DEFAULT_MEASURES,
                  encode_options: encode.EncodeOptions = encode.EncodeOptions(),
-                 scann_config: search.ScannConfig = search.ScannConfig()) -> dict:
-  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval (MODEL_DIR/eval/<name>
-  when `data` is a list of BEIR directories, one report each)."""
+                 scann_config: search.ScannConfig = search.ScannConfig(), recall_sample: int = 1000) -> dict:
+  """Evaluates a model (e.g. zero-shot) on a BEIR split; report in MODEL_DIR/eval.
+
+  `data`: a BEIR directory, or a list of them (each entry a directory, scored on `split`, or a [directory,
+  split] pair), one report each in MODEL_DIR/eval/<name> (<name>-<split> for pairs). Query sets sharing a corpus
+  (MS MARCO dev, TREC DL 2019 and 2020: one corpus.jsonl) encode it once, in MODEL_DIR/eval/corpora/<key>, and
+  search one index; the datasets are loaded one at a time. `recall_sample`: queries on which ScaNN's recall@10
+  against exact search is measured (method 'scann')."""
   _check_local(model_dir, "evaluate_job")
   config, params, tokenizer_dir = model.load()
   tokenizer, partitioner = _tokenizer(tokenizer_dir), Partitioner.create(mesh)
-  run_one = lambda directory, out: evaluate(  # noqa: E731
-      config, params, tokenizer, directory, split, out_dir=out, method=method, k=k, encode_options=encode_options,
-      scann_config=scann_config, partitioner=partitioner, measures=measures)
-  if isinstance(data, (list, tuple)):
-    return {Path(d).name: run_one(d, Path(model_dir) / "eval" / Path(d).name) for d in data}
-  return run_one(data, Path(model_dir) / "eval")
+  options = dict(method=method, k=k, encode_options=encode_options, scann_config=scann_config,
+                 partitioner=partitioner, measures=measures, recall_sample=recall_sample)
+  eval_dir = epath.Path(model_dir) / "eval"
+  if not isinstance(data, (list, tuple)):
+    evaluator = Evaluator(config, params, tokenizer, **options)
+    return evaluator.evaluate(beir.load_beir(data, split), eval_dir, beir_dir=data)
+  entries = [(d, split, epath.Path(d).name) if isinstance(d, (str, os.PathLike)) else
+             (d[0], d[1], f"{epath.Path(d[0]).name}-{d[1]}") for d in data]
+  names = [name for _, _, name in entries]
+  if len(set(names)) != len(names):
+    raise ValueError(f"evaluate_job.data: two entries share a report directory name: {names}")
+  evaluator = Evaluator(config, params, tokenizer, corpus_root=eval_dir / "corpora", **options)
+  return {name: evaluator.evaluate(beir.load_beir(directory, entry_split), eval_dir / name, beir_dir=directory)
+          for directory, entry_split, name in entries}
 
 
 @gin.configurable

@@ -69,6 +69,11 @@ def write_run(path: str | os.PathLike, run: Mapping[str, Mapping[str, float]], t
 
   Scores are written with Python's shortest round-trip repr, so reading the file gives back the same floats.
   """
+  return files.write_text(path, format_run(run, tag))
+
+
+def format_run(run: Mapping[str, Mapping[str, float]], tag: str = "mote_jax") -> str:
+  """The TREC run lines of `run` (see `write_run`), e.g. one block of queries of a run written block by block."""
   if not tag or any(c.isspace() for c in tag):
     raise ValueError(f"run tag {tag!r} must be a non-empty string without whitespace")
   lines = []
@@ -82,7 +87,7 @@ def write_run(path: str | os.PathLike, run: Mapping[str, Mapping[str, float]], t
       if not math.isfinite(score):
         raise ValueError(f"query {query_id!r}, doc {doc_id!r}: score {score} is not finite")
       lines.append(f"{query_id} Q0 {doc_id} {rank} {float(score)!r} {tag}\n")
-  return files.write_text(path, "".join(lines))
+  return "".join(lines)
 
 
 def read_run(path: str | os.PathLike) -> Run:

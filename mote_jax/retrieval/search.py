@@ -11,8 +11,11 @@ bfloat16 passes) on the devices of this process only, so in multi-process runs i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import os
+import tempfile
 import time
 from typing import Iterator, Sequence
 
@@ -61,8 +64,9 @@ def _chunks(corpus, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     yield offset, np.concatenate(buffer)
 
 
+@functools.lru_cache(maxsize=16)
 def _exact_chunk_fn(mesh: Mesh, k: int):
-  """jit of (queries [Qb, H], chunk [C, H] sharded on rows, valid rows) -> top-k (scores, chunk indices)."""
+  """(cached per mesh and k: a search of query blocks, or of several query sets, compiles once) jit of (queries [Qb, H], chunk [C, H] sharded on rows, valid rows) -> top-k (scores, chunk indices)."""
   def local(queries, chunk, valid):
     rows = chunk.shape[0]  # this device's rows
     first = jax.lax.axis_index("rows") * rows
@@ -227,6 +231,91 @@ def rescore_exactly(queries: np.ndarray, rows: np.ndarray, indices: np.ndarray, 
   return np.take_along_axis(scores, order, -1), np.take_along_axis(indices, order, -1)
 
 
+def _index_rows(corpus, start: int, stop: int, staging_dir: str) -> np.ndarray:
+  """Rows [start, stop) of a corpus array or store as one C-contiguous [rows, H] float32 array that is not a copy
+  in this process's memory: a view when the rows lie in one array or store shard, else a memory-mapped file in
+  `staging_dir` filled shard by shard. ScaNN copies the rows into its index: a host then holds the corpus once
+  (the mapped pages are reclaimable cache, not resident anonymous memory)."""
+  if not isinstance(corpus, EmbeddingStore):
+    rows = corpus[start:stop]
+    if isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.flags.c_contiguous:
+      return rows
+    return np.ascontiguousarray(rows, np.float32)
+  pieces = []
+  for offset, _, shard in corpus.iter_shards():
+    lo, hi = max(start, offset), min(stop, offset + len(shard))
+    if lo < hi:
+      pieces.append(shard[lo - offset:hi - offset])
+  if len(pieces) == 1 and pieces[0].dtype == np.float32:
+    return pieces[0]
+  fd, path = tempfile.mkstemp(prefix="mote_index_rows_", suffix=".npy", dir=staging_dir)
+  os.close(fd)
+  try:
+    staged = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(stop - start, corpus.dim))
+    position = 0
+    for piece in pieces:
+      staged[position:position + len(piece)] = piece
+      position += len(piece)
+    staged.flush()
+    return np.load(path, mmap_mode="r")  # the mapping outlives the file's name, removed below
+  finally:
+    os.unlink(path)
+
+
+class Index:
+  """A corpus [N, H] ready to be searched many times: `search(queries [Q, H], k)` -> (scores, indices) [Q, k'].
+
+  method "exact": the corpus (an array or a store, read chunk by chunk at each search) on this process's devices,
+  see `exact_search`. method "scann": one ScaNN index per `config.max_rows_per_index` rows, built once here (the
+  rows handed over without an in-memory copy, see `_index_rows`), their lists merged per query. Building an
+  index is the costly part: several query sets (or query blocks, or a recall check) reuse one.
+  """
+
+  def __init__(self, corpus, k: int, method: str = "exact", *, scann_config: ScannConfig = ScannConfig(),
+               devices: Sequence[jax.Device] | None = None, staging_dir: str | None = None):
+    if method not in ("exact", "scann"):
+      raise ValueError(f"search method {method!r}: expected 'exact' or 'scann'")
+    self.corpus, self.method, self.scann_config, self.devices = corpus, method, scann_config, devices
+    self.num_rows = _corpus_rows(corpus)
+    if self.num_rows == 0:
+      raise ValueError(f"{method} search: empty corpus")
+    self.k = min(k, self.num_rows)
+    self.build_seconds = 0.0
+    self._parts: list[tuple[int, np.ndarray, object]] = []  # (row offset, rows, searcher)
+    if method == "scann":
+      start = time.perf_counter()
+      part_rows = scann_config.max_rows_per_index or self.num_rows
+      for offset in range(0, self.num_rows, part_rows):
+        rows = _index_rows(corpus, offset, min(offset + part_rows, self.num_rows),
+                           staging_dir or tempfile.gettempdir())
+        searcher = build_scann(rows, min(self.k, len(rows)), scann_config)
+        if scann_config.search_threads:
+          searcher.set_num_threads(scann_config.search_threads)
+        self._parts.append((offset, rows, searcher))
+        log.info("scann: %d rows indexed (leaves %s)", len(rows), scann_config.leaves(len(rows)))
+      self.build_seconds = time.perf_counter() - start
+
+  def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, H] -> (scores float32, indices int64) [Q, min(k, N)], best first (k <= the built k)."""
+    k = self.k if k is None else min(k, self.k)
+    queries = np.ascontiguousarray(queries, np.float32)
+    if len(queries) == 0:
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    if self.method == "exact":
+      return exact_search(queries, self.corpus, k, devices=self.devices)
+    all_scores, all_indices = [], []
+    for offset, rows, searcher in self._parts:
+      part_k = min(k, len(rows))
+      start = time.perf_counter()
+      indices, scores = searcher.search_batched_parallel(queries, final_num_neighbors=part_k)
+      if self.scann_config.reorder_dtype != "float32":  # quantised reordering scores: rescore what it returned
+        scores, indices = rescore_exactly(queries, rows, np.asarray(indices, np.int64))
+      log.debug("scann: %d queries searched in %.2fs", len(queries), time.perf_counter() - start)
+      all_scores.append(np.asarray(scores, np.float32))
+      all_indices.append(np.asarray(indices, np.int64) + offset)
+    return merge_topk(all_scores, all_indices, k)
+
+
 def scann_search(queries: np.ndarray, corpus, k: int, config: ScannConfig = ScannConfig()
                  ) -> tuple[np.ndarray, np.ndarray]:
   """Approximate top-k with ScaNN: queries [Q, H] against corpus [N, H] -> (scores, indices) [Q, min(k, N)].
@@ -235,38 +324,13 @@ def scann_search(queries: np.ndarray, corpus, k: int, config: ScannConfig = Scan
   Reordering rescores candidates exactly (or, with a quantised `reorder_dtype`, its result is rescored
   exactly), so scores are true inner products.
   """
-  queries = np.ascontiguousarray(queries, np.float32)
-  num_rows = _corpus_rows(corpus)
-  if num_rows == 0:
-    raise ValueError("scann_search: empty corpus")
-  k = min(k, num_rows)
-  part_rows = config.max_rows_per_index or num_rows
-  all_scores, all_indices = [], []
-  for offset, part in _chunks(corpus, part_rows):
-    start = time.perf_counter()
-    part_k = min(k, len(part))
-    searcher = build_scann(part, part_k, config)
-    built = time.perf_counter()
-    if config.search_threads:
-      searcher.set_num_threads(config.search_threads)
-    indices, scores = searcher.search_batched_parallel(queries, final_num_neighbors=part_k)
-    if config.reorder_dtype != "float32":  # the reordering scores were quantised: rescore what it returned
-      scores, indices = rescore_exactly(queries, np.asarray(part, np.float32), np.asarray(indices, np.int64))
-    log.info("scann: %d rows indexed in %.1fs (leaves %s), %d queries searched in %.2fs", len(part),
-             built - start, config.leaves(len(part)), len(queries), time.perf_counter() - built)
-    all_scores.append(np.asarray(scores, np.float32))
-    all_indices.append(np.asarray(indices, np.int64) + offset)
-  return merge_topk(all_scores, all_indices, k)
+  return Index(corpus, k, "scann", scann_config=config).search(queries)
 
 
 def search(queries: np.ndarray, corpus, k: int, method: str = "exact", *, scann_config: ScannConfig = ScannConfig(),
            devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """`exact_search` or `scann_search` by name."""
-  if method == "exact":
-    return exact_search(queries, corpus, k, devices=devices)
-  if method == "scann":
-    return scann_search(queries, corpus, k, scann_config)
-  raise ValueError(f"search method {method!r}: expected 'exact' or 'scann'")
+  return Index(corpus, k, method, scann_config=scann_config, devices=devices).search(queries)
 
 
 def recall_at_k(approximate: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
