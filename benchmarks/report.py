@@ -304,6 +304,8 @@ def loop_lines(r: dict) -> list[str]:
           ["real loop: Trainer.train + records input pipeline (steps/s)", _f(r["loop_steps_per_s"], 3)],
           ["loop windows (steps/s)", ", ".join(_f(v, 3) for v in r["loop_windows_steps_per_s"])],
           ["loop / step", _f(r["loop_vs_step"], 3)]]
+  if "input_alone_steps_per_s" in r:
+    rows.append(["the records input alone, no model (batches/s)", _f(r["input_alone_steps_per_s"], 1)])
   return ([f"The quickstart's pre-training shape ({r['model']}, {r['rows_per_step']} rows x {r['max_len']} ids a step"
            f" = {r['rows_per_step'] // 2} span pairs in both directions) on records of the first "
            f"{r['documents']} SciFact documents (Beam job, {_f(r['preprocess_s'], 1)} s); {r['timed_steps']} steps "
