@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 TMP_DIR = ".preprocess-tmp"
 SPLITTER = "blingfire.text_to_sentences"
 HISTOGRAM_BINS = 32  # span-length histogram: bins of max_len / 8 tokens up to 4 x max_len, then one open bin
-ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: O(1) random access by index
+ARRAY_RECORD_OPTIONS = records.WRITER_OPTIONS  # one record per chunk (O(1) random access by index), snappy
 
 
 class PairShareError(ValueError):
