@@ -14,10 +14,10 @@ pipeline run, and each one imports what its pickled DoFns need (`mote_jax.data.p
 whose import pulls in Keras and scikit-learn, for `tf.io.gfile` and `tf.train.Example`) and loads the tokenizer
 in `setup` (once per worker, not per bundle); the launching process has already paid both. On a few thousand
 documents that start-up is most of the wall time, and two workers importing at once on two cores take longer
-than one. Past start-up, the per-worker rate is also below in_memory's, since every stage's elements cross
-process boundaries over the Fn API (documents in, records out, the shuffle and the shard grouping through the
-runner), which in_memory skips. So: in_memory for a corpus one process handles (the quickstart's SciFact), and
-for a pod-size corpus a distributed runner (Dataflow), where start-up is paid once per long-lived worker.
+than one. Past start-up, one worker's marginal rate (the same job on two corpus sizes) is in_memory's within
+the noise of a shared machine: the gap is the start-up, which is why the rows report it apart. So: in_memory for
+a corpus one process handles (the quickstart's SciFact), and for a pod-size corpus a distributed runner
+(Dataflow), where start-up is paid once per long-lived worker.
 """
 
 from __future__ import annotations
