@@ -5,6 +5,7 @@ import functools
 import json
 
 import numpy as np
+import pytest
 
 
 def test_quickstart_pretrains_from_records_made_once(tmp_path, data_dir, minilm_path):
@@ -34,6 +35,14 @@ def test_quickstart_pretrains_from_records_made_once(tmp_path, data_dir, minilm_
   assert len(calls) == 1 and sorted(p.stat().st_mtime_ns for p in out.glob("records-*")) == before  # reused
   quickstart.corpus_records(out, str(corpus), tokenizer=minilm_path, max_len=96, preprocess_fn=preprocess_fn)
   assert len(calls) == 2 and json.loads((out / "stats.json").read_text())["settings"]["max_len"] == 96
+  # Records of an older format are neither reused nor read.
+  stats = json.loads((out / "stats.json").read_text())
+  del stats["settings"]["record_format"]
+  (out / "stats.json").write_text(json.dumps(stats))
+  with pytest.raises(ValueError, match="records of format 1"):
+    register_records_task("test.quickstart.old", str(out), vocab=minilm_path, max_len=96)
+  quickstart.corpus_records(out, str(corpus), tokenizer=minilm_path, max_len=96, preprocess_fn=preprocess_fn)
+  assert len(calls) == 3
 
   # What the quickstart builds from them: the recipe's span task, 8 rows (4 pairs, both directions) of 96 ids.
   task = functools.partial(register_records_task, vocab=minilm_path, overwrite=True)(

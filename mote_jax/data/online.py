@@ -65,6 +65,13 @@ class RecordsSource(seqio.DataSource):
     self.directory = os.fspath(directory)
     self.paths = shard_paths(self.directory)
     self._readers, self._starts = None, None
+    stats = os.path.join(self.directory, records.STATS_FILE)
+    if tf.io.gfile.exists(stats):
+      with tf.io.gfile.GFile(stats) as f:
+        found = json.load(f).get("settings", {}).get("record_format", 1)
+      if found != records.RECORD_FORMAT:
+        raise ValueError(f"{stats}: records of format {found}, this version reads format {records.RECORD_FORMAT} "
+                         "(token ids as raw int32 bytes); run the preprocessing job again into a new OUTPUT")
     super().__init__(splits=("train",), num_input_examples={"train": len(self)}, caching_permitted=False)
 
   @property

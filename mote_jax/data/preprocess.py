@@ -465,6 +465,7 @@ def run(inputs: Sequence[str], file_format, config: PreprocessConfig, options, *
       "settings": {"inputs": list(inputs), "tokenizer": config.tokenizer, "vocab_sha256": vocab_hash(tokenizer),
                    "splitter": SPLITTER, "max_len": config.max_len, "pair_kind": config.pair_kind,
                    "min_pair_share": config.min_pair_share, "array_record_options": ARRAY_RECORD_OPTIONS,
+                   "record_format": records.RECORD_FORMAT,
                    **(settings or {})},
       "num_shards": num_shards,
       "shards": [{"file": s["file"], "records": s["records"]} for s in shards],

@@ -30,6 +30,8 @@ import tensorflow as tf
 FEATURES = ("doc_id", "tokens", "sentence_lengths", "query_tokens", "query_lengths")
 SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1,snappy"  # ArrayRecordWriter options of every record shard
+# stats.json's settings.record_format: 2 = ids as raw int32 bytes (1, unmarked: Int64List ids, no longer read)
+RECORD_FORMAT = 2
 STATS_FILE = "stats.json"
 
 

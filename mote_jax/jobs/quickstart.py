@@ -126,10 +126,10 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
 def corpus_records(output: Path, corpus: str, *, tokenizer: str, max_len: int,
                    preprocess_fn=preprocess_lib.preprocess) -> Path:
   """Document records of `corpus` in `output`, made by `preprocess_fn` (the Beam job; its other settings come
-  from gin) unless `output` already holds a complete output of the same input, tokenizer and max_len (one made
-  with other settings is replaced)."""
+  from gin) unless `output` already holds a complete output of the same input, tokenizer, max_len and record
+  format (one made otherwise is replaced)."""
   stats_path = output / records_lib.STATS_FILE
-  wanted = {"inputs": [corpus], "tokenizer": tokenizer, "max_len": max_len}
+  wanted = {"inputs": [corpus], "tokenizer": tokenizer, "max_len": max_len, "record_format": records_lib.RECORD_FORMAT}
   if stats_path.exists():
     settings = json.loads(stats_path.read_text())["settings"]
     if all(settings.get(k) == v for k, v in wanted.items()):
