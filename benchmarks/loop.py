@@ -63,7 +63,7 @@ def run(quick: bool = False) -> dict:
   from mote_jax.training.trainer import TrainerConfig
 
   rows, length = 8, 128
-  documents, warmup, timed, rounds = (200, 2, 4, 2) if quick else (600, 10, 30, 3)
+  documents, warmup, timed, rounds = (200, 2, 4, 1) if quick else (400, 10, 20, 2)
   result = {"load1_before": load1(), "rows_per_step": rows, "max_len": length, "documents": documents,
             "warmup_steps": warmup, "timed_steps": timed, "model": "all-MiniLM-L6-v2 (mote)"}
   with tempfile.TemporaryDirectory(prefix="mote_loop_bench_") as tmp:
