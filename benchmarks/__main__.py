@@ -20,7 +20,7 @@ from benchmarks.common import load1, machine, run_module, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "gpu", "variants", "flags",
-            "profile", "preprocess", "input", "finetune_data")
+            "profile", "preprocess", "input", "finetune_data", "loop")
 
 
 def main(argv=None) -> int:

@@ -285,12 +285,15 @@ def gpu_lines(g: dict) -> list[str]:
 def input_lines(i: dict) -> list[str]:
   r = i["records"]
   first = i["first_batch_s"]
-  rows = [["masked rows/s (anchor + context, both masked)", _f(i["rows_per_s"], 0)],
-          ["span pairs/s (each in both directions)", _f(i["span_pairs_per_s"], 0)],
-          ["first batch at start step 0, median s", _f(first["0"]["median"], 3)],
-          ["first batch at start step 10^6, median s", _f(first["1000000"]["median"], 3)],
-          ["ratio (10^6 / 0)", _f(i["first_batch_ratio"], 2, "x")],
-          ["anchor masked share", _f(i["anchor_masked_share"], 3)]]
+  pairs = i.get("distinct_pairs_per_s", i.get("span_pairs_per_s"))
+  rows = [["masked rows/s (anchor + context, both masked; a pair gives two rows)", _f(i["rows_per_s"], 0)],
+          ["distinct span pairs/s (wall)", _f(pairs, 0)]]
+  if "distinct_pairs_per_cpu_s" in i:
+    rows.append(["distinct span pairs per CPU-second of the pinned process", _f(i["distinct_pairs_per_cpu_s"], 0)])
+  rows += [["first batch at start step 0, median s", _f(first["0"]["median"], 3)],
+           ["first batch at start step 10^6, median s", _f(first["1000000"]["median"], 3)],
+           ["ratio (10^6 / 0)", _f(i["first_batch_ratio"], 2, "x")],
+           ["anchor masked share", _f(i["anchor_masked_share"], 3)]]
   return ([f"`mote_jax.data.online` on {i['cores']}; {i['text']}: {r['documents']:,} records of "
            f"{_f(r['mean_ids_per_document'], 0)} ids on average; batches of {i['batch_rows']} rows x {i['max_len']} "
            f"ids (the recipe's 512 span pairs in both directions), {i['timed_batches']} batches timed after "
@@ -320,6 +323,21 @@ def finetune_data_lines(f: dict) -> list[str]:
            "(see the load).", ""] + _table(["measure", "value"], rows))
 
 
+def loop_lines(r: dict) -> list[str]:
+  rows = [["jitted step alone, one batch in host memory (steps/s, median of rounds)", _f(r["step_steps_per_s"], 3)],
+          ["step rounds (steps/s; before and after the loop)", ", ".join(_f(v, 3) for v in r["step_steps_per_s_all"])],
+          ["real loop: Trainer.train + records input pipeline (steps/s)", _f(r["loop_steps_per_s"], 3)],
+          ["loop windows (steps/s)", ", ".join(_f(v, 3) for v in r["loop_windows_steps_per_s"])],
+          ["loop / step", _f(r["loop_vs_step"], 3)]]
+  if "input_alone_steps_per_s" in r:
+    rows.append(["the records input alone, no model (batches/s)", _f(r["input_alone_steps_per_s"], 1)])
+  return ([f"The quickstart's pre-training shape ({r['model']}, {r['rows_per_step']} rows x {r['max_len']} ids a step"
+           f" = {r['rows_per_step'] // 2} span pairs in both directions) on records of the first "
+           f"{r['documents']} SciFact documents (Beam job, {_f(r['preprocess_s'], 1)} s); {r['timed_steps']} steps "
+           f"timed after {r['warmup_steps']} warm-up steps. Other jobs shared the machine (see the load).", ""]
+          + _table(["measure", "value"], rows))
+
+
 SECTIONS = [
     ("gemm", "Measured GEMM peak", gemm_lines),
     ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
@@ -334,6 +352,7 @@ SECTIONS = [
     ("preprocess", "9. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
     ("input", "10. Online pre-training input pipeline (records -> masked pairs)", input_lines),
     ("finetune_data", "11. Fine-tuning data at MS MARCO scale", finetune_data_lines),
+    ("loop", "12. The quickstart's pre-training loop (input included) vs its step", loop_lines),
 ]
 
 
@@ -382,8 +401,13 @@ def targets(results: dict) -> list[list]:
     rows += _preprocess.target_rows(results["preprocess"])
   i = results.get("input", {})
   if "rows_per_s" in i:
-    rows.append([f"online input pipeline, masked pairs/s on one core ({i['text']})", ">= 10,000",
-                 _f(i["rows_per_s"], 0), "yes" if i["rows_per_s"] >= 10_000 else "no"])
+    pairs = i.get("distinct_pairs_per_s", i.get("span_pairs_per_s"))
+    rows.append([f"online input pipeline, distinct masked span pairs/s on one core ({i['text']})", ">= 10,000",
+                 _f(pairs, 0), "yes" if pairs >= 10_000 else "no"])
+    if "distinct_pairs_per_cpu_s" in i:
+      per_cpu = i["distinct_pairs_per_cpu_s"]
+      rows.append(["the same per CPU-second of the pinned process (its rate alone on the core)", ">= 10,000",
+                   _f(per_cpu, 0), "yes" if per_cpu >= 10_000 else "no"])
     rows.append(["online input: time to first batch at step 10^6 / at step 0", "<= 2x",
                  _f(i["first_batch_ratio"], 2, "x"), "yes" if i["first_batch_ratio"] <= 2 else "no"])
   f = results.get("finetune_data", {})
@@ -398,6 +422,10 @@ def targets(results: dict) -> list[list]:
     for t, q in m["queries_per_s"].items():
       rows.append([f"BM25 queries/s, {t} thread{'s' if t != '1' else ''} ({m['passages']:,}-passage corpus, "
                    f"top {m['depth']})", "reported", _f(q, 0), "-"])
+  lp = results.get("loop", {})
+  if "loop_vs_step" in lp:
+    rows.append(["quickstart pre-training loop steps/s / its step's steps/s", ">= 0.90",
+                 _f(lp["loop_vs_step"], 3), "yes" if lp["loop_vs_step"] >= 0.9 else "no"])
   return rows
 
 

@@ -118,12 +118,43 @@ def test_msmarco_passages_stop_at_the_pair_gate(tmp_path, data_dir, minilm_path,
   out = tmp_path / "out"
   with pytest.raises(pp.PairShareError) as error:
     launch(["--gin_file=runs/preprocess_scifact.gin", f"--gin.INPUT={corpus}", f"--gin.OUTPUT={out}",
-                 "--gin.preprocess.direct_num_workers=1", "--gin.preprocess.direct_running_mode='in_memory'"])
+            "--gin.preprocess.direct_num_workers=1", "--gin.preprocess.direct_running_mode='in_memory'",
+            "--gin.preprocess.preflight_documents=0"])  # the gate after the whole pass
   message = str(error.value)
   assert f"only {pairs} of {len(docs)} documents ({pairs / len(docs):.1%})" in message, (message, pairs, len(docs))
-  assert "min_pair_share=0.5" in message and "msmarco-docs.tsv" in message
+  assert "min_pair_share=0.5" in message and "msmarco-docs.tsv" in message and "pre-flight" not in message
   assert pairs / len(docs) < 0.5
   assert not (out / "stats.json").exists() and not list(out.glob("records-*")) and not (out / pp.TMP_DIR).exists()
+
+
+def test_msmarco_passages_stop_in_the_preflight_before_any_beam_stage(tmp_path, data_dir, minilm_path, tokenizer,
+                                                                      monkeypatch):
+  """With the recipe's settings the pre-flight reads the first 500 passages, finds too few pairs and stops in
+  seconds: no pipeline is built, nothing is left in OUTPUT."""
+  import time
+  corpus = data_dir / "msmarco-dl19-subset" / "corpus.jsonl"
+  with open(corpus, encoding="utf-8") as f:
+    docs = [d for d in (json.loads(line) for line in f) if d["text"].strip()][:500]
+  ids = iter(ref_ids(tokenizer, [s for d in docs for s in ref_sentences(beir_text(d))]))
+  pairs = sum(ref_num_spans([len(next(ids)) for _ in ref_sentences(beir_text(d))], 128) >= 2 for d in docs)
+
+  def no_pipeline(*args, **kwargs):
+    raise AssertionError("the pipeline was built")
+
+  monkeypatch.setattr(pp, "make_pipeline", no_pipeline)
+  monkeypatch.setattr(pp, "build_pipeline", no_pipeline)
+  out = tmp_path / "out"
+  started = time.perf_counter()
+  with pytest.raises(pp.PairShareError) as error:
+    launch(["--gin_file=runs/preprocess_scifact.gin", f"--gin.INPUT={corpus}", f"--gin.OUTPUT={out}",
+            "--gin.preprocess.preflight_documents=500"])
+  assert time.perf_counter() - started < 60
+  message = str(error.value)
+  assert message.startswith("pre-flight (the first 500 documents"), message
+  assert f"only {pairs} of 500 documents ({pairs / 500:.1%}) give >= 2 spans at max_len=128" in message, message
+  assert "min_pair_share=0.5" in message and "the pipeline was not started" in message
+  assert "msmarco-docs.tsv" in message  # the fix
+  assert not (out / pp.TMP_DIR).exists() and not list(out.glob("records-*")) and not (out / "stats.json").exists()
 
 
 def test_scifact_share_and_stats(scifact_out, scifact_docs, tokenizer):

@@ -64,25 +64,44 @@ class RecordsSource(seqio.DataSource):
   def __init__(self, directory: str):
     self.directory = os.fspath(directory)
     self.paths = shard_paths(self.directory)
-    self._reader = None
+    self._readers, self._starts = None, None
+    stats = os.path.join(self.directory, records.STATS_FILE)
+    if tf.io.gfile.exists(stats):
+      with tf.io.gfile.GFile(stats) as f:
+        found = json.load(f).get("settings", {}).get("record_format", 1)
+      if found != records.RECORD_FORMAT:
+        raise ValueError(f"{stats}: records of format {found}, this version reads format {records.RECORD_FORMAT} "
+                         "(token ids as raw int32 bytes); run the preprocessing job again into a new OUTPUT")
     super().__init__(splits=("train",), num_input_examples={"train": len(self)}, caching_permitted=False)
 
   @property
-  def reader(self):
-    if self._reader is None:
-      from array_record.python.array_record_data_source import ArrayRecordDataSource
-      self._reader = ArrayRecordDataSource(self.paths)
-    return self._reader
+  def readers(self) -> list:
+    """One `ArrayRecordReader` per shard (opened on first use, without read-ahead: reads are random)."""
+    if self._readers is None:
+      from array_record.python.array_record_module import ArrayRecordReader
+      self._readers = [ArrayRecordReader(path, "readahead_buffer_size:0") for path in self.paths]
+      self._starts = np.concatenate([[0], np.cumsum([r.num_records() for r in self._readers])]).astype(np.int64)
+    return self._readers
 
   def __len__(self) -> int:
-    return len(self.reader)
+    self.readers  # noqa: B018 - opens them and counts the records
+    return int(self._starts[-1])
 
-  def __getstate__(self):  # the reader holds open files: rebuilt lazily after pickling
-    return {**self.__dict__, "_reader": None}
+  def __getstate__(self):  # the readers hold open files: reopened lazily after pickling
+    return {**self.__dict__, "_readers": None, "_starts": None}
 
   def read(self, indices: np.ndarray) -> np.ndarray:
-    """Serialised records at global indices `indices` (int [n]) -> object [n] of bytes, one batched read."""
-    return np.asarray(self.reader.__getitems__([int(i) for i in indices]), dtype=object)
+    """Serialised records at global indices `indices` (int [n]) -> object [n] of bytes: one batched read per
+    shard (the reader's own parallel read), no thread pool or Python work per record."""
+    readers, indices = self.readers, np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= self._starts[-1]):
+      raise IndexError(f"record indices outside [0, {self._starts[-1]}) of {self.directory}")
+    shard = np.searchsorted(self._starts, indices, side="right") - 1
+    out = np.empty(len(indices), dtype=object)
+    for k in np.unique(shard):
+      rows = np.flatnonzero(shard == k)
+      out[rows] = readers[k].read((indices[rows] - self._starts[k]).tolist())
+    return out
 
   @property
   def supports_arbitrary_sharding(self) -> bool:

@@ -16,7 +16,9 @@ gives no pair. With target = max_len for every span a document gives a pair iff 
 targets only add spans, so such a document gives a pair under any sampled targets. For pseudo-query inputs a
 document gives a pair iff it has >= 1 query. Documents that give no pair are counted and left out; when the
 share of documents that give a pair is below `min_pair_share` the run stops with an error (`PairShareError`)
-and writes nothing.
+and writes nothing. The gate runs twice: first (`preflight`) on the first `preflight_documents` documents, read
+and encoded in this process before the pipeline starts, so a corpus that cannot pass (MS MARCO passages) stops in
+seconds rather than after hours of Beam work; then on the whole corpus after the pass.
 
 Determinism: a document's key is its input position (input index, ordinal in that input). Its shard is
 sha256(key) mod the shard count, and each shard is sorted by key, so the same input gives byte-identical shards
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 TMP_DIR = ".preprocess-tmp"
 SPLITTER = "blingfire.text_to_sentences"
 HISTOGRAM_BINS = 32  # span-length histogram: bins of max_len / 8 tokens up to 4 x max_len, then one open bin
-ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: O(1) random access by index
+ARRAY_RECORD_OPTIONS = records.WRITER_OPTIONS  # one record per chunk (O(1) random access by index), snappy
 
 
 class PairShareError(ValueError):
@@ -75,6 +77,7 @@ class PreprocessConfig:
   num_shards: int = 0  # 0: ceil(records / records_per_shard)
   records_per_shard: int = 50_000
   batch_size: int = 256  # documents per tokenizer call (upper bound of BatchElements)
+  preflight_documents: int = 2000  # documents read before the pipeline for the early pair gate (0: none)
   overwrite: bool = False  # replace a complete output already in `output`
 
   def __post_init__(self):
@@ -84,6 +87,8 @@ class PreprocessConfig:
       raise ValueError(f"max_len={self.max_len}: must be >= 2")
     if not 0.0 <= self.min_pair_share <= 1.0:
       raise ValueError(f"min_pair_share={self.min_pair_share}: must be in [0, 1]")
+    if self.preflight_documents < 0:
+      raise ValueError(f"preflight_documents={self.preflight_documents}: must be >= 0 (0 turns the pre-flight off)")
 
 
 # --------------------------------------------------------------------------------------------------- algorithm
@@ -169,6 +174,30 @@ def vocab_hash(tokenizer) -> str:
   return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+  if not texts:
+    return []
+  return tokenizer(texts, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                   return_token_type_ids=False)["input_ids"]
+
+
+def encode_documents(tokenizer, docs: Sequence, max_len: int, pair_kind: str) -> list[tuple]:
+  """Documents -> (sentence ids, query ids, greedy span lengths at max_len, gives a pair) each: sentences split
+  by blingfire, one tokenizer call for all sentences and one for all queries. The pipeline and the pre-flight
+  gate both use it, so they apply the same "gives a pair" rule."""
+  sentences = [split_sentences(doc.text) for doc in docs]
+  ids = iter(_token_ids(tokenizer, [s for doc in sentences for s in doc]))
+  query_ids = iter(_token_ids(tokenizer, [q for doc in docs for q in doc.queries]))
+  out = []
+  for doc, doc_sentences in zip(docs, sentences):
+    sentence_ids = [x for x in (next(ids) for _ in doc_sentences) if x]
+    queries = [x for x in (next(query_ids) for _ in doc.queries) if x]
+    spans = greedy_span_lengths([len(x) for x in sentence_ids], max_len)
+    gives_pair = len(spans) >= 2 if pair_kind == "spans" else len(queries) >= 1
+    out.append((sentence_ids, queries, spans, gives_pair))
+  return out
+
+
 class _Encode(beam.DoFn):
   """A batch of (key, Document) -> (key string, record bytes) of documents that give a pair; counts tagged.
 
@@ -183,22 +212,10 @@ class _Encode(beam.DoFn):
     self.edges = _histogram_edges(self.max_len)
     self.done, self.started, self.last_log = 0, time.time(), time.time()
 
-  def _ids(self, texts: list[str]) -> list[list[int]]:
-    if not texts:
-      return []
-    return self.tokenizer(texts, add_special_tokens=False, truncation=False, return_attention_mask=False,
-                          return_token_type_ids=False)["input_ids"]
-
   def process(self, batch):
-    sentences = [split_sentences(doc.text) for _, doc in batch]
-    ids = iter(self._ids([s for doc in sentences for s in doc]))
-    query_ids = iter(self._ids([q for _, doc in batch for q in doc.queries]))
     counts = _zero_counts(len(self.edges))
-    for (key, doc), doc_sentences in zip(batch, sentences):
-      sentence_ids = [x for x in (next(ids) for _ in doc_sentences) if x]
-      queries = [x for x in (next(query_ids) for _ in doc.queries) if x]
-      spans = greedy_span_lengths([len(s) for s in sentence_ids], self.max_len)
-      gives_pair = len(spans) >= 2 if self.pair_kind == "spans" else len(queries) >= 1
+    for (key, doc), (sentence_ids, queries, spans, gives_pair) in zip(
+        batch, encode_documents(self.tokenizer, [doc for _, doc in batch], self.max_len, self.pair_kind)):
       counts["documents"] += 1
       if not gives_pair:
         counts["documents_without_pair"] += 1
@@ -383,6 +400,8 @@ def run(inputs: Sequence[str], file_format, config: PreprocessConfig, options, *
       raise FileExistsError(f"{stats_path} exists: {out} already holds a complete preprocessing output; choose "
                             "another output or set overwrite=True")
     tf.io.gfile.remove(stats_path)  # from here on the old output no longer reads as complete
+  if config.preflight_documents:
+    preflight(inputs, file_format, config, tokenizer)
   _remove_tree(tmp_dir)
   tf.io.gfile.makedirs(tmp_dir)
 
@@ -406,14 +425,7 @@ def run(inputs: Sequence[str], file_format, config: PreprocessConfig, options, *
   share = encode["records"] / documents
   if share < config.min_pair_share:
     _remove_tree(tmp_dir)
-    what = ("give >= 2 spans at max_len=" f"{config.max_len}" if config.pair_kind == "spans"
-            else "have >= 1 pseudo-query")
-    fix = ("CoT-MAE pre-trains on MS MARCO *documents* (msmarco-docs.tsv, input_format='msmarco_docs_tsv'), not "
-           "passages: use a corpus of long documents, or lower min_pair_share, or train on pseudo-query pairs "
-           "(input_format='query_jsonl' / 'doctttttquery')" if config.pair_kind == "spans"
-           else "generate pseudo-queries for every passage, or lower min_pair_share")
-    raise PairShareError(f"only {encode['records']} of {documents} documents ({share:.1%}) {what}, below "
-                         f"min_pair_share={config.min_pair_share}; nothing written. Fix: {fix}")
+    raise pair_share_error(encode["records"], documents, config)
 
   with tf.io.gfile.GFile(f"{tmp_dir}/shards.json") as f:
     shard_list = json.load(f)
@@ -453,6 +465,7 @@ def run(inputs: Sequence[str], file_format, config: PreprocessConfig, options, *
       "settings": {"inputs": list(inputs), "tokenizer": config.tokenizer, "vocab_sha256": vocab_hash(tokenizer),
                    "splitter": SPLITTER, "max_len": config.max_len, "pair_kind": config.pair_kind,
                    "min_pair_share": config.min_pair_share, "array_record_options": ARRAY_RECORD_OPTIONS,
+                   "record_format": records.RECORD_FORMAT,
                    **(settings or {})},
       "num_shards": num_shards,
       "shards": [{"file": s["file"], "records": s["records"]} for s in shards],
@@ -467,6 +480,50 @@ def run(inputs: Sequence[str], file_format, config: PreprocessConfig, options, *
            "documents/s", documents, encode["records"], 100 * share, encode["records"], num_shards, out,
            stats["documents_per_second"] or 0.0)
   return stats
+
+
+def pair_share_error(with_pair: int, documents: int, config: PreprocessConfig, preflight: bool = False
+                     ) -> PairShareError:
+  """The pair gate's error: the counts, the share, the threshold and the fix."""
+  what = (f"give >= 2 spans at max_len={config.max_len}" if config.pair_kind == "spans"
+          else "have >= 1 pseudo-query")
+  fix = ("CoT-MAE pre-trains on MS MARCO *documents* (msmarco-docs.tsv, input_format='msmarco_docs_tsv'), not "
+         "passages: use a corpus of long documents, or lower min_pair_share, or train on pseudo-query pairs "
+         "(input_format='query_jsonl' / 'doctttttquery')" if config.pair_kind == "spans"
+         else "generate pseudo-queries for every passage, or lower min_pair_share")
+  where = (f"pre-flight (the first {documents} documents of the inputs, read before the pipeline; "
+           "preprocess.preflight_documents): " if preflight else "")
+  done = "the pipeline was not started" if preflight else "nothing written"
+  return PairShareError(f"{where}only {with_pair} of {documents} documents ({with_pair / documents:.1%}) {what}, "
+                        f"below min_pair_share={config.min_pair_share}; {done}. Fix: {fix}")
+
+
+def preflight(inputs: Sequence[str], file_format, config: PreprocessConfig, tokenizer) -> dict:
+  """The pair gate on the first `config.preflight_documents` documents (inputs in order, each from its start),
+  with the pipeline's reader, splitter, tokenizer and rule (`encode_documents`), before any Beam work: a corpus
+  that cannot pass stops in seconds instead of after the whole pass. Raises `PairShareError` (or
+  `EmptyCorpusError` when the inputs hold no document at all); returns the sample's counts. The full gate still
+  runs after the pass (the first documents need not be typical of the corpus)."""
+  started, stats, docs = time.time(), readers.ReadStats(), []
+  for path in inputs:
+    for doc in file_format.read(path, stats):
+      docs.append(doc)
+      if len(docs) >= config.preflight_documents:
+        break
+    if len(docs) >= config.preflight_documents:
+      break
+  if not docs:
+    raise EmptyCorpusError(f"no documents in {list(inputs)} ({stats.empty} empty and {stats.malformed} malformed "
+                           "records skipped); nothing written")
+  with_pair = 0
+  for start in range(0, len(docs), config.batch_size):
+    encoded = encode_documents(tokenizer, docs[start:start + config.batch_size], config.max_len, config.pair_kind)
+    with_pair += sum(gives_pair for *_, gives_pair in encoded)
+  log.info("pre-flight: %d of the first %d documents (%.1f%%) give a pair (%.1f s)", with_pair, len(docs),
+           100 * with_pair / len(docs), time.time() - started)
+  if with_pair / len(docs) < config.min_pair_share:
+    raise pair_share_error(with_pair, len(docs), config, preflight=True)
+  return {"documents": len(docs), "documents_with_pair": with_pair}
 
 
 def read_stats(output: str) -> dict:

@@ -65,7 +65,8 @@ def beam_options(runner: str, direct_num_workers: int, direct_running_mode: str,
 def preprocess(model_dir: str, input: str | Sequence[str] = gin.REQUIRED,  # noqa: A002 - the gin name users see
                output: str = gin.REQUIRED, input_format: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
                max_len: int = 128, min_pair_share: float = 0.5, num_shards: int = 0,
-               records_per_shard: int = 50_000, batch_size: int = 256, skip_malformed: bool = False,
+               records_per_shard: int = 50_000, batch_size: int = 256, preflight_documents: int = 2000,
+               skip_malformed: bool = False,
                expansions: Sequence[str] | str = (), tfds_split: str = "train", tfds_text_key: str = "text",
                tfds_title_key: Optional[str] = None, tfds_id_key: Optional[str] = None,
                tfds_data_dir: Optional[str] = None, runner: str = "DirectRunner", direct_num_workers: int = 2,
@@ -74,7 +75,8 @@ def preprocess(model_dir: str, input: str | Sequence[str] = gin.REQUIRED,  # noq
   """Preprocesses `input` (glob patterns, comma-separated or a list; TFDS names for 'tfds') into `output`.
 
   Returns stats.json's content (or, with dry_run, the options and transforms). `model_dir` receives the gin
-  configs (runs/preprocess_*.gin set it to the output directory).
+  configs (runs/preprocess_*.gin set it to the output directory). `preflight_documents`: the pair gate first
+  runs on that many documents from the start of the inputs, before the pipeline (0: only after the pass).
   """
   del model_dir
   patterns = [p.strip() for p in input.split(",")] if isinstance(input, str) else list(input)
@@ -85,7 +87,8 @@ def preprocess(model_dir: str, input: str | Sequence[str] = gin.REQUIRED,  # noq
   inputs = patterns if input_format == "tfds" else list(readers.expand_paths(patterns))
   config = pp.PreprocessConfig(output=output, tokenizer=str(tokenizer), max_len=max_len, pair_kind=pair_kind,
                                min_pair_share=min_pair_share, num_shards=num_shards,
-                               records_per_shard=records_per_shard, batch_size=batch_size, overwrite=overwrite)
+                               records_per_shard=records_per_shard, batch_size=batch_size,
+                               preflight_documents=preflight_documents, overwrite=overwrite)
   options = beam_options(runner, direct_num_workers, direct_running_mode, pipeline_args)
   settings = {"input_format": input_format}
   if input_format == "doctttttquery":

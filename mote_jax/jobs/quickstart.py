@@ -1,12 +1,15 @@
 """Job: the README's quickstart on SciFact, end to end, for every tower mode with the same budget.
 
   all-MiniLM-L6-v2 (zero-shot, siamese)  ->  evaluate
+  SciFact corpus  ->  document records (the Beam preprocessing job, once, in MODEL_DIR/records)
   for mode in (mote, siamese, separated):
-    import as `mode`  ->  short CoT-MoTE pre-training on the SciFact corpus  ->  fine-tuning on SciFact train
-    (BM25 negatives)  ->  evaluation on SciFact test  ->  embedding-space analysis
+    import as `mode`  ->  short CoT-MoTE pre-training from the records (the online pipeline of
+    `runs/pretrain_cotmote.gin`)  ->  fine-tuning on SciFact train (BM25 negatives)  ->  evaluation on SciFact
+    test  ->  embedding-space analysis
 
-Every stage is an ordinary job (pretrain / finetune) in MODEL_DIR/<mode>/..., so a re-run resumes where it
-stopped. The table (also MODEL_DIR/quickstart.md and .json) prints every figure as measured.
+Every stage is an ordinary job (preprocess / pretrain / finetune) in MODEL_DIR/..., so a re-run resumes where it
+stopped: complete records (MODEL_DIR/records/stats.json) are reused when their inputs, tokenizer and max_len are
+the run's. The table (also MODEL_DIR/quickstart.md and .json) prints every figure as measured.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import gin
 import jax
 import numpy as np
 
+from mote_jax import hf_interop
 from mote_jax.analysis import plots
 from mote_jax.analysis.embedding_space import analyse
+from mote_jax.data import records as records_lib
 from mote_jax.data.finetune import bm25_run
+from mote_jax.data.online import register_records_task
 from mote_jax.jobs import finetune as finetune_lib
+from mote_jax.jobs import preprocess as preprocess_lib
 from mote_jax.jobs import pretrain as pretrain_lib
 from mote_jax.retrieval import beir, metrics
 from mote_jax.retrieval.store import EmbeddingStore
@@ -46,13 +53,31 @@ def _analysis(eval_dir: Path, data: beir.BeirDataset, split: str, method: str) -
 def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-MiniLM-L6-v2",
                data_dir: str = "../shared/data/scifact", modes: Sequence[str] = ("mote", "siamese", "separated"),
                pretrain_fn=pretrain_lib.pretrain, finetune_fn=finetune_lib.finetune,
-               evaluate_fn=finetune_lib.evaluate_job, pretrain: bool = True, method: str = "exact") -> dict:
+               evaluate_fn=finetune_lib.evaluate_job, pretrain: bool = True, method: str = "exact",
+               preprocess_fn=preprocess_lib.preprocess, span_task_fn=register_records_task,
+               pretrain_batch_size: int = 8, pretrain_max_len: int = 128) -> dict:
   """Runs the quickstart; returns {row name: metrics}. Stage settings come from the gin bindings of
-  `pretrain`, `finetune` and `evaluate_job` (see t5x_configs/runs/quickstart_scifact.gin)."""
+  `preprocess`, `register_records_task`, `pretrain`, `finetune` and `evaluate_job` (see
+  t5x_configs/runs/quickstart_scifact.gin).
+
+  Pre-training reads MODEL_DIR/records (see `corpus_records`) through `span_task_fn(name, directory,
+  max_len=pretrain_max_len)`, the span-pair task of the online pipeline, `pretrain_batch_size` rows a step (both
+  directions: half as many span pairs).
+  """
   start = time.perf_counter()
   root = Path(model_dir)
   test = beir.load_beir(data_dir, "test")
   rows, analyses, timings, recalls = {}, {}, {}, {}
+
+  streams = None
+  if pretrain:
+    t = time.perf_counter()
+    records_dir = corpus_records(root / "records", str(Path(data_dir) / "corpus.jsonl"),
+                                 tokenizer=str(hf_interop.resolve_checkpoint(checkpoint)),
+                                 max_len=pretrain_max_len, preprocess_fn=preprocess_fn)
+    task = span_task_fn("quickstart_scifact_span_pairs", str(records_dir), max_len=pretrain_max_len)
+    streams = [pretrain_lib.PretrainStream(task, pretrain_batch_size)]
+    timings["preprocess"] = time.perf_counter() - t
 
   t = time.perf_counter()
   report = evaluate_fn(str(root / "zero_shot"), model=finetune_lib.ModelSource(checkpoint, tower_mode="siamese"),
@@ -71,7 +96,7 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
     t = time.perf_counter()
     mode_dir = root / mode
     if pretrain:
-      pretrain_fn(str(mode_dir / "pretrain"), init_checkpoint=checkpoint, tower_mode=mode)
+      pretrain_fn(str(mode_dir / "pretrain"), init_checkpoint=checkpoint, tower_mode=mode, streams=streams)
       source = finetune_lib.ModelSource(towers=str(mode_dir / "pretrain" / "hf"))
     else:
       source = finetune_lib.ModelSource(checkpoint, tower_mode=mode)
@@ -96,6 +121,25 @@ def quickstart(model_dir: str, *, checkpoint: str = "sentence-transformers/all-M
   log.info("quickstart finished in %.1f min (%s)", (time.perf_counter() - start) / 60,
            ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
   return rows
+
+
+def corpus_records(output: Path, corpus: str, *, tokenizer: str, max_len: int,
+                   preprocess_fn=preprocess_lib.preprocess) -> Path:
+  """Document records of `corpus` in `output`, made by `preprocess_fn` (the Beam job; its other settings come
+  from gin) unless `output` already holds a complete output of the same input, tokenizer, max_len and record
+  format (one made otherwise is replaced)."""
+  stats_path = output / records_lib.STATS_FILE
+  wanted = {"inputs": [corpus], "tokenizer": tokenizer, "max_len": max_len, "record_format": records_lib.RECORD_FORMAT}
+  if stats_path.exists():
+    settings = json.loads(stats_path.read_text())["settings"]
+    if all(settings.get(k) == v for k, v in wanted.items()):
+      log.info("quickstart: reusing the records in %s", output)
+      return output
+    log.info("quickstart: the records in %s were made with %s, not %s; preprocessing again", output,
+             {k: settings.get(k) for k in wanted}, wanted)
+  preprocess_fn(str(output), input=corpus, output=str(output), tokenizer=tokenizer, max_len=max_len,
+                overwrite=True)
+  return output
 
 
 def _figures(root: Path, test: beir.BeirDataset, analyses: dict, method: str, baseline: str = "siamese") -> str:
