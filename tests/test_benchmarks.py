@@ -37,6 +37,43 @@ def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
   assert "jax/masked vs torch/eager/full" in result["ratios"]
 
 
+def test_finetune_step_jax_and_torch_agree_on_the_loss(data_dir):
+  """The fine-tuning section's contenders on a tiny model and a real SciFact batch (BM25 negatives, judged
+  passages masked): the independent PyTorch MoTE InfoNCE (two BertModels sharing embeddings and attention) gives
+  the loss of the JAX step's objective at step 0, and the hand FLOP count agrees with XLA's count."""
+  from benchmarks import finetune_step
+  dims = finetune_step.SHAPES["tiny"]
+  directory = finetune_step.checkpoint_dir("tiny")
+  batch = finetune_step.finetune_batch(**dims, max_groups=finetune_step.MAX_GROUPS["tiny"])
+  assert (batch["query_judged_index"] >= 0).any()
+  step = finetune_step.JaxFinetuneStep(directory, dims)  # the trainer `jobs.finetune` builds, not yet stepped
+  config = step.config
+  for tower_mode in ("mote", "siamese"):
+    jax_loss = finetune_step.JaxFinetuneStep(directory, dims, tower_mode=tower_mode).eval_loss(batch) \
+        if tower_mode == "siamese" else step.eval_loss(batch)
+    torch_loss = finetune_step.torch_eval_loss(finetune_step.TorchMote(
+        directory, tower_mode=tower_mode, pooling=config.pooling, normalize=config.normalize,
+        temperature=finetune_step.temperature_for(config)), batch)
+    assert abs(jax_loss - torch_loss) <= 1e-4, (tower_mode, jax_loss, torch_loss)
+  # The hand count (3 x the forward's matmuls) against XLA's cost analysis of the deterministic forward loss.
+  forward = jax.jit(lambda p, b: step.model.loss_fn(p, b)[0]).lower(step.state.params, batch).compile()
+  cost = forward.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert step.flops / 3 == pytest.approx(cost["flops"], rel=0.15), (step.flops / 3, cost["flops"])
+
+
+@pytest.mark.slow
+def test_finetune_section_times_jax_and_torch_steps(data_dir):
+  from benchmarks import finetune_step
+  result = finetune_step.bench_shape("tiny", warmup=0, repeats=1, peak_gflops=100.0)
+  assert set(result["rows"]) == {"jax/default", "jax/xla", "torch/eager"}
+  for name, diff in result["loss_abs_diff_vs_torch"].items():
+    assert diff <= 1e-4, (name, diff, result["eval_losses"])
+  for row in result["rows"].values():
+    assert row["median_s"] > 0 and 0 < row["mfu"] < 10
+  assert {"jax/default vs torch/eager", "jax/xla vs torch/eager", "jax/default vs jax/xla"} <= set(result["ratios"])
+
+
 def test_encode_section_matches_sentence_transformers(data_dir):
   from benchmarks import encode
   result = encode.run(quick=True, num_passages=2)
