@@ -19,7 +19,7 @@ from benchmarks import report
 from benchmarks.common import load1, machine, run_module, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "gpu", "variants", "flags",
+SECTIONS = ("gemm", "pretrain", "finetune_step", "mote", "encode", "search", "scaling", "gpu", "variants", "flags",
             "profile", "preprocess", "input")
 
 

@@ -89,6 +89,27 @@ def pretrain_lines(p: dict) -> list[str]:
   return lines
 
 
+def finetune_lines(p: dict) -> list[str]:
+  lines = [MACHINE_NOTE, ""]
+  lines += ["GEMM peak measured at the start of this section:", ""] + gemm_lines(p["gemm"])
+  for shape, s in p["shapes"].items():
+    lines += [f"### {shape} ({s['tower_mode']}; {s['batch_size']} queries x {s['query_len']} tokens, "
+              f"1 + {s['negatives']} passages each x {s['passage_len']} tokens; pooling {s['pooling']}, normalize "
+              f"{s['normalize']}, temperature {s['temperature']}; judged passages masked: {s['masked_judged']}; "
+              f"{s['warmup']} warm-up + {s['repeats']} timed steps each, round-robin)", ""]
+    rows = [[name, _f(1000 * r["median_s"], 0), _spread(r), _f(r["queries_per_s"], 2),
+             _f(r["flops_per_step"] / 1e9, 1), _f(r["model_gflops_per_s"], 1), _f(100 * r["mfu"], 1, "%"),
+             _f(r["first_step_s"], 1)] for name, r in s["rows"].items()]
+    lines += _table(["contender", "median ms/step", "min-max s", "queries/s", "model GFLOP/step", "model GFLOP/s",
+                     "MFU", "first step s (compile)"], rows)
+    lines += _table(["ratio (median times; > 1: the first is faster)", "value"],
+                    [[k, _f(v, 2, "x")] for k, v in s["ratios"].items()])
+    diffs = ", ".join(f"{k} {_f(v, 7)}" for k, v in s["loss_abs_diff_vs_torch"].items())
+    lines += [f"Same weights, same batch, dropout off: torch loss {_f(s['eval_losses']['torch/eager'], 5)}; "
+              f"|JAX - torch|: {diffs}.", ""]
+  return lines
+
+
 def mote_lines(m: dict) -> list[str]:
   lines = []
   rows = []
@@ -301,6 +322,7 @@ def input_lines(i: dict) -> list[str]:
 SECTIONS = [
     ("gemm", "Measured GEMM peak", gemm_lines),
     ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
+    ("finetune_step", "1b. Contrastive fine-tuning step: JAX vs PyTorch eager", finetune_lines),
     ("mote", "2. MoTE overhead: mote vs siamese", mote_lines),
     ("encode", "3. Encoding: JAX Embedder vs sentence-transformers", encode_lines),
     ("search", "4. Search: ScaNN vs exact brute force (1M x 384)", search_lines),
@@ -335,6 +357,13 @@ def targets(results: dict) -> list[list]:
         mfu = s["rows"]["jax/masked"]["mfu_vs_peak_in_rounds"]
         rows.append([f"{shape}: jax/masked MFU against the peak timed inside the same rounds", ">= 70%",
                      _f(100 * mfu, 1, "%"), "yes" if mfu >= 0.7 else "no"])
+  for shape, s in results.get("finetune_step", {}).get("shapes", {}).items():
+    for name in [n for n in s["ratios"] if n.endswith("vs torch/eager")]:
+      ratio = s["ratios"][name]
+      rows.append([f"fine-tuning {shape}: {name}", ">= 2.0x", _f(ratio, 2, "x"), "yes" if ratio >= 2 else "no"])
+    if "jax/default" in s["rows"]:
+      rows.append([f"fine-tuning {shape}: jax/default MFU", "measured", _f(100 * s["rows"]["jax/default"]["mfu"], 1, "%"),
+                   "-"])
   m = results.get("mote", {})
   if "mote_over_siamese" in m:
     rows.append(["mote / siamese step time", "<= 1.05x", _f(m["mote_over_siamese"], 3, "x"),
@@ -375,6 +404,7 @@ def render(results: dict, command: str) -> str:
            f"Regenerate with `{command}` from the repository root (the sections below took {minutes:.0f} minutes "
            f"on 2 cores, plus waits for a quiet machine; `--quick` for a small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
            f"`benchmarks/results.json`). Sections measured {measured}.", ""]
+  lines += [MACHINE_NOTE, ""]
   if machine:
     v = machine.get("versions", {})
     lines += ["## Machine", "",
