@@ -77,7 +77,7 @@ def pretrain_lines(p: dict) -> list[str]:
     if "peak_in_rounds" in s:  # absent from results measured before it was added
       q = s["peak_in_rounds"]
       mfu = ", ".join(f"{name} {_f(100 * r['mfu_vs_peak_in_rounds'], 1, '%')}" for name, r in s["rows"].items()
-                      if name.startswith("jax/"))
+                      if name.startswith("jax"))
       lines += [f"GEMM peak inside these rounds (a {q['n']} x {q['n']} fp32 JAX matmul timed between the "
                 f"contenders, best of {q['runs']}; median {_f(q['median_gflops'], 1)}): **{_f(q['gflops'], 1)} "
                 f"GFLOP/s**. MFU against it, under the same load as the steps: {mfu}.", ""]
@@ -215,6 +215,17 @@ def variants_lines(v: dict) -> list[str]:
   return lines
 
 
+def kernel_ab_lines(k: dict) -> list[str]:
+  lines = [f"Platform {k.get('platform')}; baseline: the CPU kernel set {k['baseline_kernels']}; shape {k['shape']}, "
+           f"batch {k['batch_size']} x {k['length']}.", ""]
+  lines += variants_lines(k)
+  rows = [[name, v["cpu_set"], v["plain_xla"], v["alternative"], _f(v["cpu_choice_speed_over_alternative"], 3, "x"),
+           v["rule"], {True: "yes", False: "**no**", None: "-"}[v["consistent"]]] for name, v in k["verdicts"].items()]
+  lines += _table(["operation", "CPU set", "plain XLA", "alternative timed", "CPU choice / alternative speed",
+                   "rule (>= 2%)", "CPU set consistent"], rows)
+  return lines
+
+
 def flags_lines(f: dict) -> list[str]:
   lines = []
   rows = []
@@ -329,6 +340,7 @@ SECTIONS = [
     ("scaling", "5. Scaling of the MiniLM step with batch size and sequence length", scaling_lines),
     ("gpu", "6. GPU bf16 pre-training step", gpu_lines),
     ("variants", "7a. Optimisation experiments (in process)", variants_lines),
+    ("kernel_ab", "7d. CPU kernel set against plain XLA (fresh A/B)", kernel_ab_lines),
     ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
     ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
     ("preprocess", "9. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
@@ -353,6 +365,9 @@ def targets(results: dict) -> list[list]:
     if "jax/masked" in s["rows"]:
       mfu = s["rows"]["jax/masked"]["mfu"]
       rows.append([f"{shape}: jax/masked MFU", ">= 70%", _f(100 * mfu, 1, "%"), "yes" if mfu >= 0.7 else "no"])
+    if "jax/masked vs jax-xla/masked" in r:
+      rows.append([f"{shape}: jax/masked, this platform's kernel set vs the plain-XLA set (jax-xla/masked)",
+                   "measured", _f(r["jax/masked vs jax-xla/masked"], 3, "x"), "-"])
       if "mfu_vs_peak_in_rounds" in s["rows"]["jax/masked"]:
         mfu = s["rows"]["jax/masked"]["mfu_vs_peak_in_rounds"]
         rows.append([f"{shape}: jax/masked MFU against the peak timed inside the same rounds", ">= 70%",
@@ -364,6 +379,11 @@ def targets(results: dict) -> list[list]:
     if "jax/default" in s["rows"]:
       rows.append([f"fine-tuning {shape}: jax/default MFU", "measured", _f(100 * s["rows"]["jax/default"]["mfu"], 1, "%"),
                    "-"])
+  for name, v in results.get("kernel_ab", {}).get("verdicts", {}).items():
+    if v["consistent"] is not None:
+      rows.append([f"CPU kernel set, {name}: {v['rule']}", ">= 1.02x or left out",
+                   f"{v['cpu_set']} / {v['alternative']}: {_f(v['cpu_choice_speed_over_alternative'], 3, 'x')}",
+                   "yes" if v["consistent"] else "no"])
   m = results.get("mote", {})
   if "mote_over_siamese" in m:
     rows.append(["mote / siamese step time", "<= 1.05x", _f(m["mote_over_siamese"], 3, "x"),
@@ -433,6 +453,10 @@ def render(results: dict, command: str) -> str:
       lines += _error(section) if "error" in section else [_meta(section), ""] + fn(section)
     elif key == "gpu":
       lines += ["## 6. GPU bf16 pre-training step", "", f"Not run in this results file: {GPU_HOW}", ""]
+  if "baseline" in results:
+    from benchmarks import baseline
+    lines += [f"## Same-run comparison with {results['baseline']['rev']}", ""]
+    lines += baseline.lines(results["baseline"], _f)
   if ANALYSIS.exists():
     lines += ["## 8. What each optimisation gains", "",
               f"See [{ANALYSIS.name}]({ANALYSIS.name}): a table of each change, its platform, its gain and where it "

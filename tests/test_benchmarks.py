@@ -259,3 +259,45 @@ def test_input_section_rows_render():
   text = report.render({"input": section}, "python -m benchmarks")
   assert "| online input pipeline, masked pairs/s on one core (synthetic ids) | >= 10,000 | 12,000 | yes |" in text
   assert "| online input: time to first batch at step 10^6 / at step 0 | <= 2x | 2.50x | no |" in text
+
+
+def test_kernel_ab_verdicts_follow_the_two_percent_rule():
+  """The CPU set's dense / dropout choices differ from plain XLA and must be >= 2% faster than it; its clip is
+  XLA's, so the alternative must not be >= 2% faster. speedup_vs_baseline is the alternative's speed over the CPU
+  set's."""
+  from benchmarks import kernel_ab
+  from mote_jax import kernels
+  assert kernels.CPU.dense != kernels.XLA.dense and kernels.CPU.grad_clip == kernels.XLA.grad_clip
+
+  def result(dense, dropout, clip):
+    return {"rows": {"baseline": {"speedup_vs_baseline": 1.0}, "kernels-xla": {"speedup_vs_baseline": 0.8},
+                     "dense-xla": {"speedup_vs_baseline": dense}, "dropout-jax_random": {"speedup_vs_baseline": dropout},
+                     "clip-scalar": {"speedup_vs_baseline": clip}}}
+  v = kernel_ab.verdicts(result(dense=0.78, dropout=0.99, clip=1.03))
+  assert v["dense"]["consistent"] and v["dense"]["cpu_choice_speed_over_alternative"] == pytest.approx(1 / 0.78)
+  assert not v["dropout"]["consistent"]  # hashed only 1% faster than jax.random: should leave the CPU set
+  assert not v["clip"]["consistent"]  # scalar 3% faster than optax: would belong in the CPU set
+  assert v["whole set"]["cpu_choice_speed_over_alternative"] == pytest.approx(1.25)
+  assert kernel_ab.verdicts(result(dense=0.9, dropout=0.95, clip=1.0))["clip"]["consistent"]
+
+
+def test_baseline_comparison_flags_a_figure_that_falls_by_more_than_five_percent():
+  from benchmarks import baseline
+
+  def pretrain(ratio, mfu, seconds):
+    return {"shapes": {"minilm": {"ratios": {"jax/masked vs torch/eager/full": ratio},
+                                  "rows": {"jax/masked": {"mfu": mfu, "median_s": seconds},
+                                           "torch/eager/full": {"mfu": 0.5, "median_s": 1.0}}}}}
+  ours = [pretrain(2.0, 0.70, 0.50), pretrain(2.2, 0.72, 0.48)]
+  base = [pretrain(2.0, 0.80, 0.50), pretrain(2.0, 0.80, 0.50)]
+  c = baseline.compare(ours, base, "pretrain")["figures"]
+  assert set(c) == {"minilm: jax/masked vs torch/eager/full", "minilm: jax/masked MFU", "minilm: jax/masked s/step"}
+  assert c["minilm: jax/masked vs torch/eager/full"]["change"] == pytest.approx(2.1 / 2.0)
+  assert not c["minilm: jax/masked MFU"]["within_5pct"]  # 0.71 / 0.80
+  assert c["minilm: jax/masked s/step"]["change"] == pytest.approx(0.5 / 0.49) and c["minilm: jax/masked s/step"][
+      "within_5pct"]
+  mote = baseline.compare([{"mote_over_siamese": 1.10}], [{"mote_over_siamese": 1.0}], "mote")["figures"]
+  assert mote["mote / siamese step time"]["change"] == pytest.approx(1 / 1.1)
+  text = "\n".join(baseline.lines({"rev": "abc", "sha": "abcdef0123456789", "sections": {
+      "pretrain": baseline.compare(ours, base, "pretrain")}}, report._f))
+  assert "| minilm: jax/masked MFU |" in text and "**no**" in text
