@@ -239,12 +239,8 @@ def torch_eval_loss(model: TorchMote, batch) -> float:
 
 
 def bench_shape(shape_name: str, *, warmup: int, repeats: int, peak_gflops: float, tower_mode: str = "mote",
-                kernel_sets=("default", "xla"), torch_threads: int | None = None, log=print) -> dict:
-  import torch
-
+                kernel_sets=("default", "xla"), log=print) -> dict:
   from mote_jax import kernels as kernel_lib
-  if torch_threads:
-    torch.set_num_threads(torch_threads)
   dims = SHAPES[shape_name]
   directory = checkpoint_dir(shape_name)
   batch = finetune_batch(**dims, max_groups=MAX_GROUPS.get(shape_name))
