@@ -301,3 +301,28 @@ def test_baseline_comparison_flags_a_figure_that_falls_by_more_than_five_percent
   text = "\n".join(baseline.lines({"rev": "abc", "sha": "abcdef0123456789", "sections": {
       "pretrain": baseline.compare(ours, base, "pretrain")}}, report._f))
   assert "| minilm: jax/masked MFU |" in text and "**no**" in text
+
+
+def test_finetune_and_kernel_ab_sections_render_with_target_rows():
+  from benchmarks import kernel_ab
+  timing = {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "runs": 3}
+  row = dict(timing, flops_per_step=1e9, queries_per_s=32.0, model_gflops_per_s=2.0, mfu=0.01, first_step_s=3.0)
+  finetune = {"gemm": {"gflops": {"jax/float32/512": 100.0}, "peak_fp32_gflops": 100.0,
+                       "peak_fp32_source": "jax/float32/512"},
+              "shapes": {"scifact": {"batch_size": 16, "negatives": 1, "query_len": 64, "passage_len": 256,
+                                     "tower_mode": "mote", "pooling": "mean", "normalize": True, "temperature": 0.05,
+                                     "masked_judged": True, "warmup": 1, "repeats": 3,
+                                     "rows": {"jax/default": row, "torch/eager": dict(row, median_s=1.5)},
+                                     "ratios": {"jax/default vs torch/eager": 3.0},
+                                     "eval_losses": {"jax/default": 1.0, "torch/eager": 1.0},
+                                     "loss_abs_diff_vs_torch": {"jax/default": 1e-6}}}}
+  variants = {"shape": "minilm", "batch_size": 8, "length": 128, "baseline_kernels": {"dense": "cpu_gemm"},
+              "rows": {name: dict(timing, compile_s=1.0, first_loss=2.0, speedup_vs_baseline=s)
+                       for name, s in (("baseline", 1.0), ("kernels-xla", 0.75), ("dense-xla", 0.8),
+                                       ("dropout-jax_random", 0.96), ("clip-scalar", 1.0))}}
+  variants["verdicts"] = kernel_ab.verdicts(variants)
+  text = report.render({"finetune_step": finetune, "kernel_ab": variants}, "python -m benchmarks")
+  assert "## 1b. Contrastive fine-tuning step" in text and "## 7d. CPU kernel set against plain XLA" in text
+  assert "| fine-tuning scifact: jax/default vs torch/eager | >= 2.0x | 3.00x | yes |" in text
+  assert "CPU kernel set, dense: cpu_gemm kept only if >= 1.02x faster than xla" in text
+  assert "depends on the machine" in text.split("## ")[0]  # the header says the PyTorch ratio is machine-bound
