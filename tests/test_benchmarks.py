@@ -325,4 +325,4 @@ def test_finetune_and_kernel_ab_sections_render_with_target_rows():
   assert "## 1b. Contrastive fine-tuning step" in text and "## 7d. CPU kernel set against plain XLA" in text
   assert "| fine-tuning scifact: jax/default vs torch/eager | >= 2.0x | 3.00x | yes |" in text
   assert "CPU kernel set, dense: cpu_gemm kept only if >= 1.02x faster than xla" in text
-  assert "depends on the machine" in text.split("## ")[0]  # the header says the PyTorch ratio is machine-bound
+  assert "depend on the machine" in text.split("## ")[0]  # the header says the PyTorch ratio is machine-bound
