@@ -63,6 +63,8 @@ def main(argv=None) -> int:
   command = "python -m benchmarks" + (" --quick" if args.quick else "")
   if args.baseline_rev:
     return _with_baseline(args, chosen, out, store, results, command)
+  if set(chosen) & set(results.get("baseline", {}).get("sections", {})):
+    del results["baseline"]  # a comparison with a section measured again without its baseline is stale
   with tempfile.TemporaryDirectory() as tmp:
     for name in chosen:
       waited = wait_for_quiet(args.max_load, 0 if args.quick else args.wait)
