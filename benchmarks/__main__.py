@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
 
 def _with_baseline(args, chosen, out, store, results, command) -> int:
   """Each section `--baseline_rounds` times from this tree and from `--baseline_rev`, alternately."""
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the temporary worktree is removed
   comparison = {"rev": args.baseline_rev, "sections": {}, "measured_at":
                 datetime.datetime.now().isoformat(timespec="minutes")}
   with baseline_lib.checkout(args.baseline_rev) as (tree, sha), tempfile.TemporaryDirectory() as tmp:
