@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks import baseline as baseline_lib
 from benchmarks import report
-from benchmarks.common import load1, machine, run_module, wait_for_quiet
+from benchmarks.common import DATA_DIR, load1, machine, run_module, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("gemm", "pretrain", "finetune_step", "mote", "encode", "search", "scaling", "gpu", "variants",
@@ -106,8 +106,9 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
           if not (repo / "benchmarks" / f"{name}.py").exists():
             result = {"error": f"{who} ({repo}) has no benchmarks/{name}.py"}
           else:
+            # Both trees read this tree's data directory (the baseline's default would be relative to it).
             result = run_module(f"benchmarks.{name}", Path(tmp) / f"{name}-{who}-{r}.json", quick=args.quick,
-                                timeout=args.section_timeout, repo=repo)
+                                timeout=args.section_timeout, repo=repo, env={"MOTE_DATA_DIR": str(DATA_DIR)})
           result["load1_at_start"] = waited["load1"]
           runs[who].append(result)
           print(f"[bench] {name} round {r + 1} {who}: {'error' if 'error' in result else 'ok'}", flush=True)
@@ -123,7 +124,8 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
       print(f"[bench] {name}: {figure}: baseline {f['baseline_median']:.4g}, ours {f['ours_median']:.4g}, "
             f"change {f['change']:.3f}x{'' if f['within_5pct'] else '  <-- falls by more than 5%'}")
   print(f"[bench] wrote {out}")
-  return 1 if any("error" in results.get(name, {}) for name in chosen) else 0
+  return 1 if any("error" in r for c in comparison["sections"].values() for runs in c["raw"].values()
+                   for r in runs) else 0
 
 
 if __name__ == "__main__":
