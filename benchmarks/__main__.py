@@ -3,6 +3,10 @@
 Each section runs in its own process (`python -m benchmarks.<section>`), so XLA flags, thread pools and peak
 memory are its own. Full runs keep every section's raw result in `benchmarks/results.json`, so `--only` re-measures
 some sections and re-renders RESULTS.md with the stored others.
+
+`--baseline_rev REV [--baseline_rounds N]`: each chosen section also runs from git revision REV (a temporary
+worktree), alternating with this tree's runs, and RESULTS.md gets a table of every headline figure of both with
+its change (`benchmarks/baseline.py`); the section's own table shows this tree's last round.
 """
 
 from __future__ import annotations
@@ -10,17 +14,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import baseline as baseline_lib
 from benchmarks import report
-from benchmarks.common import load1, machine, run_module, wait_for_quiet
+from benchmarks.common import DATA_DIR, load1, machine, run_module, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("gemm", "pretrain", "mote", "encode", "search", "scaling", "gpu", "variants", "flags",
-            "profile", "preprocess", "input", "finetune_data", "loop")
+SECTIONS = ("gemm", "pretrain", "finetune_step", "mote", "encode", "search", "scaling", "gpu", "variants",
+            "kernel_ab", "flags", "profile", "preprocess", "input", "finetune_data", "loop")
 
 
 def main(argv=None) -> int:
@@ -35,6 +41,10 @@ def main(argv=None) -> int:
   parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a quiet machine per section "
                       "(then measure anyway, with the load noted)")
   parser.add_argument("--section-timeout", type=float, default=1800.0)
+  parser.add_argument("--baseline_rev", default=None, help="also run the chosen sections from this git revision, "
+                      "alternating with this tree's runs, and compare their figures")
+  parser.add_argument("--baseline_rounds", type=int, default=2, help="runs of each tree per section with "
+                      "--baseline_rev")
   args = parser.parse_args(argv)
 
   chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
@@ -52,6 +62,10 @@ def main(argv=None) -> int:
   results["machine"] = machine()
   notes = []
   command = "python -m benchmarks" + (" --quick" if args.quick else "")
+  if args.baseline_rev:
+    return _with_baseline(args, chosen, out, store, results, command)
+  if set(chosen) & set(results.get("baseline", {}).get("sections", {})):
+    del results["baseline"]  # a comparison with a section measured again without its baseline is stale
   with tempfile.TemporaryDirectory() as tmp:
     for name in chosen:
       waited = wait_for_quiet(args.max_load, 0 if args.quick else args.wait)
@@ -75,6 +89,43 @@ def main(argv=None) -> int:
   out.write_text(report.render(results, command))
   print(f"[bench] wrote {out}")
   return 1 if any("error" in results.get(name, {}) for name in chosen) else 0
+
+
+def _with_baseline(args, chosen, out, store, results, command) -> int:
+  """Each section `--baseline_rounds` times from this tree and from `--baseline_rev`, alternately."""
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the temporary worktree is removed
+  comparison = {"rev": args.baseline_rev, "sections": {}, "measured_at":
+                datetime.datetime.now().isoformat(timespec="minutes")}
+  with baseline_lib.checkout(args.baseline_rev) as (tree, sha), tempfile.TemporaryDirectory() as tmp:
+    comparison["sha"] = sha
+    for name in chosen:
+      runs = {"ours": [], "baseline": []}
+      for r in range(args.baseline_rounds):
+        for who, repo in (("ours", HERE.parent), ("baseline", tree)):
+          waited = wait_for_quiet(args.max_load, 0 if args.quick else args.wait)
+          if not (repo / "benchmarks" / f"{name}.py").exists():
+            result = {"error": f"{who} ({repo}) has no benchmarks/{name}.py"}
+          else:
+            # Both trees read this tree's data directory (the baseline's default would be relative to it).
+            result = run_module(f"benchmarks.{name}", Path(tmp) / f"{name}-{who}-{r}.json", quick=args.quick,
+                                timeout=args.section_timeout, repo=repo, env={"MOTE_DATA_DIR": str(DATA_DIR)})
+          result["load1_at_start"] = waited["load1"]
+          runs[who].append(result)
+          print(f"[bench] {name} round {r + 1} {who}: {'error' if 'error' in result else 'ok'}", flush=True)
+      results[name] = dict(runs["ours"][-1], measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
+      comparison["sections"][name] = baseline_lib.compare(runs["ours"], runs["baseline"], name)
+      comparison["sections"][name]["raw"] = runs
+  results["baseline"] = comparison
+  store.parent.mkdir(parents=True, exist_ok=True)
+  store.write_text(json.dumps(results, indent=1, default=float))
+  out.write_text(report.render(results, command + f" --only {','.join(chosen)} --baseline_rev {args.baseline_rev}"))
+  for name, c in comparison["sections"].items():
+    for figure, f in c["figures"].items():
+      print(f"[bench] {name}: {figure}: baseline {f['baseline_median']:.4g}, ours {f['ours_median']:.4g}, "
+            f"change {f['change']:.3f}x{'' if f['within_5pct'] else '  <-- falls by more than 5%'}")
+  print(f"[bench] wrote {out}")
+  return 1 if any("error" in r for c in comparison["sections"].values() for runs in c["raw"].values()
+                   for r in runs) else 0
 
 
 if __name__ == "__main__":

@@ -151,9 +151,10 @@ def section_main(name: str, run: Callable[..., dict], argv=None) -> None:
   Path(args.json).write_text(json.dumps(result, indent=1, default=float))
 
 
-def clean_env(xla_flags: str | None = None, extra: dict | None = None) -> dict:
+def clean_env(xla_flags: str | None = None, extra: dict | None = None, repo: Path = REPO) -> dict:
   """The environment for a benchmark subprocess: one CPU device (no emulated device count), chosen XLA flags,
-  and the glibc malloc settings `mote_jax.launch` runs with (`extra` may override them)."""
+  the glibc malloc settings `mote_jax.launch` runs with (`extra` may override them), and `repo` (this tree, or
+  another revision's worktree) first on the module path."""
   from mote_jax import host_malloc
   env = host_malloc.environment()
   env["XLA_FLAGS"] = xla_flags or ""
@@ -167,21 +168,22 @@ def clean_env(xla_flags: str | None = None, extra: dict | None = None) -> dict:
   env.setdefault("TRANSFORMERS_OFFLINE", "1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH", "")]))
   return env
 
 
 def run_module(module: str, out_json: Path, *, quick: bool, options: dict | None = None,
                xla_flags: str | None = None, env: dict | None = None, timeout: float | None = None,
-               log=print) -> dict:
-  """Runs `python -m <module> --json out_json` in a fresh process and returns its result (or an error dict)."""
+               log=print, repo: Path = REPO) -> dict:
+  """Runs `python -m <module> --json out_json` in a fresh process and returns its result (or an error dict).
+  `repo`: the tree whose `benchmarks` and `mote_jax` the process imports (default this one)."""
   cmd = [sys.executable, "-m", module, "--json", str(out_json), "--options", json.dumps(options or {})]
   if quick:
     cmd.append("--quick")
   log(f"[bench] $ {' '.join(cmd)}" + (f"  (XLA_FLAGS={xla_flags})" if xla_flags else "") + (f" {env}" if env else ""))
   started = time.time()
   try:
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(xla_flags, env), timeout=timeout, text=True,
+    proc = subprocess.run(cmd, cwd=repo, env=clean_env(xla_flags, env, repo), timeout=timeout, text=True,
                           stdout=sys.stdout, stderr=subprocess.PIPE, check=False)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout}s", "seconds": round(time.time() - started, 1)}

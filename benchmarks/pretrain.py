@@ -2,6 +2,7 @@
 
 Per shape (MiniLM-L6, bert-base; fp32; 8 pairs of 128-token SciFact spans; dropout on, as in training):
   jax/masked        the production configuration: MLM logits at masked positions only (48 / 72, the gin's)
+  jax-xla/masked    jax/masked with the plain-XLA kernel set (`kernels.XLA`) instead of this platform's default
   jax/full          MLM logits at every position
   torch/eager/full  HF BertForMaskedLM + 2 BertLayers + AdamW: logits at every position (the official code)
   torch/eager/masked, torch/compile/{full,masked}   the same, at masked positions only / under torch.compile
@@ -25,7 +26,7 @@ from benchmarks.common import load1, ratio_of_medians, section_main, time_interl
 
 
 def _contenders(shape_name: str, compile_torch: bool) -> list[str]:
-  names = ["jax/masked", "jax/full", "torch/eager/full", "torch/eager/masked"]
+  names = ["jax/masked", "jax-xla/masked", "jax/full", "torch/eager/full", "torch/eager/masked"]
   if compile_torch:
     names += ["torch/compile/masked"] if shape_name == "bert-base" else ["torch/compile/full",
                                                                          "torch/compile/masked"]
@@ -58,6 +59,7 @@ def bench_shape(shape_name: str, *, batch_size: int, length: int, warmup: int, r
   import torch
 
   from benchmarks import data, jax_step, torch_cotmae
+  from mote_jax import kernels
   from mote_jax.objectives import ObjectiveConfig
 
   shape = jax_step.build_shape(shape_name)
@@ -84,10 +86,11 @@ def bench_shape(shape_name: str, *, batch_size: int, length: int, warmup: int, r
   for name in names:
     parts = name.split("/")
     kind = parts[-1]
-    if parts[0] == "jax":
-      step = jax_step.JaxStep(shape, decoder, objective=objectives[kind], batch_size=batch_size, length=length)
+    if parts[0] in ("jax", "jax-xla"):
+      step = jax_step.JaxStep(shape, decoder, objective=objectives[kind], batch_size=batch_size, length=length,
+                              kernels=kernels.XLA if parts[0] == "jax-xla" else None)
       parity[name] = step.eval_loss(batch)
-      info[name] = {"flops_per_step": step.flops}
+      info[name] = {"flops_per_step": step.flops, "kernels": vars(step.kernels)}
     else:
       step = torch_cotmae.TorchStep(torch_modules[kind], compile=parts[1] == "compile")
       info[name] = {"flops_per_step": jax_step.flops_per_step(
@@ -111,9 +114,11 @@ def bench_shape(shape_name: str, *, batch_size: int, length: int, warmup: int, r
                       mfu=flops / t["median_s"] / 1e9 / peak_gflops,
                       mfu_vs_peak_in_rounds=flops / t["median_s"] / 1e9 / peak_in_rounds)
   ratios = {}
-  for jax_name in [n for n in names if n.startswith("jax/")]:
+  for jax_name in [n for n in names if n.startswith("jax")]:
     for torch_name in [n for n in names if n.startswith("torch/")]:
       ratios[f"{jax_name} vs {torch_name}"] = ratio_of_medians(rows[jax_name], rows[torch_name])
+  if "jax/masked" in rows and "jax-xla/masked" in rows:  # this platform's kernel set against plain XLA
+    ratios["jax/masked vs jax-xla/masked"] = ratio_of_medians(rows["jax/masked"], rows["jax-xla/masked"])
   reference = parity.get("torch/full")
   parity_diff = {k: abs(v - reference) for k, v in parity.items()} if reference is not None else {}
   del fns

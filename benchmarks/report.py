@@ -77,7 +77,7 @@ def pretrain_lines(p: dict) -> list[str]:
     if "peak_in_rounds" in s:  # absent from results measured before it was added
       q = s["peak_in_rounds"]
       mfu = ", ".join(f"{name} {_f(100 * r['mfu_vs_peak_in_rounds'], 1, '%')}" for name, r in s["rows"].items()
-                      if name.startswith("jax/"))
+                      if name.startswith("jax"))
       lines += [f"GEMM peak inside these rounds (a {q['n']} x {q['n']} fp32 JAX matmul timed between the "
                 f"contenders, best of {q['runs']}; median {_f(q['median_gflops'], 1)}): **{_f(q['gflops'], 1)} "
                 f"GFLOP/s**. MFU against it, under the same load as the steps: {mfu}.", ""]
@@ -86,6 +86,27 @@ def pretrain_lines(p: dict) -> list[str]:
     diffs = ", ".join(f"{k} {_f(v, 6)}" for k, v in s["loss_abs_diff_vs_torch_full"].items() if k != "torch/full")
     lines += [f"Same objective, same weights: deterministic loss of torch/full = {_f(s['eval_losses']['torch/full'], 5)}; "
               f"|difference| of the others: {diffs}.", ""]
+  return lines
+
+
+def finetune_lines(p: dict) -> list[str]:
+  lines = [MACHINE_NOTE, ""]
+  lines += ["GEMM peak measured at the start of this section:", ""] + gemm_lines(p["gemm"])
+  for shape, s in p["shapes"].items():
+    lines += [f"### {shape} ({s['tower_mode']}; {s['batch_size']} queries x {s['query_len']} tokens, "
+              f"1 + {s['negatives']} passages each x {s['passage_len']} tokens; pooling {s['pooling']}, normalize "
+              f"{s['normalize']}, temperature {s['temperature']}; judged passages masked: {s['masked_judged']}; "
+              f"{s['warmup']} warm-up + {s['repeats']} timed steps each, round-robin)", ""]
+    rows = [[name, _f(1000 * r["median_s"], 0), _spread(r), _f(r["queries_per_s"], 2),
+             _f(r["flops_per_step"] / 1e9, 1), _f(r["model_gflops_per_s"], 1), _f(100 * r["mfu"], 1, "%"),
+             _f(r["first_step_s"], 1)] for name, r in s["rows"].items()]
+    lines += _table(["contender", "median ms/step", "min-max s", "queries/s", "model GFLOP/step", "model GFLOP/s",
+                     "MFU", "first step s (compile)"], rows)
+    lines += _table(["ratio (median times; > 1: the first is faster)", "value"],
+                    [[k, _f(v, 2, "x")] for k, v in s["ratios"].items()])
+    diffs = ", ".join(f"{k} {_f(v, 7)}" for k, v in s["loss_abs_diff_vs_torch"].items())
+    lines += [f"Same weights, same batch, dropout off: torch loss {_f(s['eval_losses']['torch/eager'], 5)}; "
+              f"|JAX - torch|: {diffs}.", ""]
   return lines
 
 
@@ -191,6 +212,17 @@ def variants_lines(v: dict) -> list[str]:
               f"checkpoint steps). Host work per step: a fresh masked batch "
               f"{_f(1000 * v['host_batch_prep']['median_s'], 1)} ms (this benchmark's numpy masking), "
               f"`global_batch` {_f(1000 * v['global_batch_s'], 2)} ms.", ""]
+  return lines
+
+
+def kernel_ab_lines(k: dict) -> list[str]:
+  lines = [f"Platform {k.get('platform')}; baseline: the CPU kernel set {k['baseline_kernels']}; shape {k['shape']}, "
+           f"batch {k['batch_size']} x {k['length']}.", ""]
+  lines += variants_lines(k)
+  rows = [[name, v["cpu_set"], v["plain_xla"], v["alternative"], _f(v["cpu_choice_speed_over_alternative"], 3, "x"),
+           v["rule"], {True: "yes", False: "**no**", None: "-"}[v["consistent"]]] for name, v in k["verdicts"].items()]
+  lines += _table(["operation", "CPU set", "plain XLA", "alternative timed", "CPU choice / alternative speed",
+                   "rule (>= 2%)", "CPU set consistent"], rows)
   return lines
 
 
@@ -341,12 +373,14 @@ def loop_lines(r: dict) -> list[str]:
 SECTIONS = [
     ("gemm", "Measured GEMM peak", gemm_lines),
     ("pretrain", "1. Pre-training step: JAX vs PyTorch (eager, torch.compile)", pretrain_lines),
+    ("finetune_step", "1b. Contrastive fine-tuning step: JAX vs PyTorch eager", finetune_lines),
     ("mote", "2. MoTE overhead: mote vs siamese", mote_lines),
     ("encode", "3. Encoding: JAX Embedder vs sentence-transformers", encode_lines),
     ("search", "4. Search: ScaNN vs exact brute force (1M x 384)", search_lines),
     ("scaling", "5. Scaling of the MiniLM step with batch size and sequence length", scaling_lines),
     ("gpu", "6. GPU bf16 pre-training step", gpu_lines),
     ("variants", "7a. Optimisation experiments (in process)", variants_lines),
+    ("kernel_ab", "7d. CPU kernel set against plain XLA (fresh A/B)", kernel_ab_lines),
     ("flags", "7b. XLA:CPU flags and JAX settings (one process each)", flags_lines),
     ("profile", "7c. Profile of the JAX MiniLM step", profile_lines),
     ("preprocess", "9. Offline preprocessing (Beam DirectRunner)", _preprocess.lines),
@@ -377,6 +411,21 @@ def targets(results: dict) -> list[list]:
         mfu = s["rows"]["jax/masked"]["mfu_vs_peak_in_rounds"]
         rows.append([f"{shape}: jax/masked MFU against the peak timed inside the same rounds", ">= 70%",
                      _f(100 * mfu, 1, "%"), "yes" if mfu >= 0.7 else "no"])
+    if "jax/masked vs jax-xla/masked" in r:
+      rows.append([f"{shape}: jax/masked, this platform's kernel set vs the plain-XLA set (jax-xla/masked)",
+                   "measured", _f(r["jax/masked vs jax-xla/masked"], 3, "x"), "-"])
+  for shape, s in results.get("finetune_step", {}).get("shapes", {}).items():
+    for name in [n for n in s["ratios"] if n.endswith("vs torch/eager")]:
+      ratio = s["ratios"][name]
+      rows.append([f"fine-tuning {shape}: {name}", ">= 2.0x", _f(ratio, 2, "x"), "yes" if ratio >= 2 else "no"])
+    if "jax/default" in s["rows"]:
+      mfu = s["rows"]["jax/default"]["mfu"]
+      rows.append([f"fine-tuning {shape}: jax/default MFU", "measured", _f(100 * mfu, 1, "%"), "-"])
+  for name, v in results.get("kernel_ab", {}).get("verdicts", {}).items():
+    if v["consistent"] is not None:
+      rows.append([f"CPU kernel set, {name}: {v['rule']}", ">= 1.02x or left out",
+                   f"{v['cpu_set']} / {v['alternative']}: {_f(v['cpu_choice_speed_over_alternative'], 3, 'x')}",
+                   "yes" if v["consistent"] else "no"])
   m = results.get("mote", {})
   if "mote_over_siamese" in m:
     rows.append(["mote / siamese step time", "<= 1.05x", _f(m["mote_over_siamese"], 3, "x"),
@@ -438,6 +487,7 @@ def render(results: dict, command: str) -> str:
            f"Regenerate with `{command}` from the repository root (the sections below took {minutes:.0f} minutes "
            f"on 2 cores, plus waits for a quiet machine; `--quick` for a small smoke run, `--only NAME[,NAME]` for some sections; the raw figures are in "
            f"`benchmarks/results.json`). Sections measured {measured}.", ""]
+  lines += [MACHINE_NOTE, ""]
   if machine:
     v = machine.get("versions", {})
     lines += ["## Machine", "",
@@ -466,6 +516,10 @@ def render(results: dict, command: str) -> str:
       lines += _error(section) if "error" in section else [_meta(section), ""] + fn(section)
     elif key == "gpu":
       lines += ["## 6. GPU bf16 pre-training step", "", f"Not run in this results file: {GPU_HOW}", ""]
+  if "baseline" in results:
+    from benchmarks import baseline
+    lines += [f"## Same-run comparison with {results['baseline']['rev']}", ""]
+    lines += baseline.lines(results["baseline"], _f)
   if ANALYSIS.exists():
     lines += ["## 8. What each optimisation gains", "",
               f"See [{ANALYSIS.name}]({ANALYSIS.name}): a table of each change, its platform, its gain and where it "

@@ -37,6 +37,43 @@ def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
   assert "jax/masked vs torch/eager/full" in result["ratios"]
 
 
+def test_finetune_step_jax_and_torch_agree_on_the_loss(data_dir):
+  """The fine-tuning section's contenders on a tiny model and a real SciFact batch (BM25 negatives, judged
+  passages masked): the independent PyTorch MoTE InfoNCE (two BertModels sharing embeddings and attention) gives
+  the loss of the JAX step's objective at step 0, and the hand FLOP count agrees with XLA's count."""
+  from benchmarks import finetune_step
+  dims = finetune_step.SHAPES["tiny"]
+  directory = finetune_step.checkpoint_dir("tiny")
+  batch = finetune_step.finetune_batch(**dims, max_groups=finetune_step.MAX_GROUPS["tiny"])
+  assert (batch["query_judged_index"] >= 0).any()
+  step = finetune_step.JaxFinetuneStep(directory, dims)  # the trainer `jobs.finetune` builds, not yet stepped
+  config = step.config
+  for tower_mode in ("mote", "siamese"):
+    jax_loss = finetune_step.JaxFinetuneStep(directory, dims, tower_mode=tower_mode).eval_loss(batch) \
+        if tower_mode == "siamese" else step.eval_loss(batch)
+    torch_loss = finetune_step.torch_eval_loss(finetune_step.TorchMote(
+        directory, tower_mode=tower_mode, pooling=config.pooling, normalize=config.normalize,
+        temperature=finetune_step.temperature_for(config)), batch)
+    assert abs(jax_loss - torch_loss) <= 1e-4, (tower_mode, jax_loss, torch_loss)
+  # The hand count (3 x the forward's matmuls) against XLA's cost analysis of the deterministic forward loss.
+  forward = jax.jit(lambda p, b: step.model.loss_fn(p, b)[0]).lower(step.state.params, batch).compile()
+  cost = forward.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert step.flops / 3 == pytest.approx(cost["flops"], rel=0.15), (step.flops / 3, cost["flops"])
+
+
+@pytest.mark.slow
+def test_finetune_section_times_jax_and_torch_steps(data_dir):
+  from benchmarks import finetune_step
+  result = finetune_step.bench_shape("tiny", warmup=0, repeats=1, peak_gflops=100.0)
+  assert set(result["rows"]) == {"jax/default", "jax/xla", "torch/eager"}
+  for name, diff in result["loss_abs_diff_vs_torch"].items():
+    assert diff <= 1e-4, (name, diff, result["eval_losses"])
+  for row in result["rows"].values():
+    assert row["median_s"] > 0 and 0 < row["mfu"] < 10
+  assert {"jax/default vs torch/eager", "jax/xla vs torch/eager", "jax/default vs jax/xla"} <= set(result["ratios"])
+
+
 def test_encode_section_matches_sentence_transformers(data_dir):
   from benchmarks import encode
   result = encode.run(quick=True, num_passages=2)
@@ -236,3 +273,68 @@ def test_loop_section_rows_render():
   text = report.render({"loop": section}, "python -m benchmarks")
   assert "| quickstart pre-training loop steps/s / its step's steps/s | >= 0.90 | 0.950 | yes |" in text
   assert "| the records input alone, no model (batches/s) | 400.0 |" in text
+def test_kernel_ab_verdicts_follow_the_two_percent_rule():
+  """The CPU set's dense / dropout choices differ from plain XLA and must be >= 2% faster than it; its clip is
+  XLA's, so the alternative must not be >= 2% faster. speedup_vs_baseline is the alternative's speed over the CPU
+  set's."""
+  from benchmarks import kernel_ab
+  from mote_jax import kernels
+  assert kernels.CPU.dense != kernels.XLA.dense and kernels.CPU.grad_clip == kernels.XLA.grad_clip
+
+  def result(dense, dropout, clip):
+    return {"rows": {"baseline": {"speedup_vs_baseline": 1.0}, "kernels-xla": {"speedup_vs_baseline": 0.8},
+                     "dense-xla": {"speedup_vs_baseline": dense}, "dropout-jax_random": {"speedup_vs_baseline": dropout},
+                     "clip-scalar": {"speedup_vs_baseline": clip}}}
+  v = kernel_ab.verdicts(result(dense=0.78, dropout=0.99, clip=1.03))
+  assert v["dense"]["consistent"] and v["dense"]["cpu_choice_speed_over_alternative"] == pytest.approx(1 / 0.78)
+  assert not v["dropout"]["consistent"]  # hashed only 1% faster than jax.random: should leave the CPU set
+  assert not v["clip"]["consistent"]  # scalar 3% faster than optax: would belong in the CPU set
+  assert v["whole set"]["cpu_choice_speed_over_alternative"] == pytest.approx(1.25)
+  assert kernel_ab.verdicts(result(dense=0.9, dropout=0.95, clip=1.0))["clip"]["consistent"]
+
+
+def test_baseline_comparison_flags_a_figure_that_falls_by_more_than_five_percent():
+  from benchmarks import baseline
+
+  def pretrain(ratio, mfu, seconds):
+    return {"shapes": {"minilm": {"ratios": {"jax/masked vs torch/eager/full": ratio},
+                                  "rows": {"jax/masked": {"mfu": mfu, "median_s": seconds},
+                                           "torch/eager/full": {"mfu": 0.5, "median_s": 1.0}}}}}
+  ours = [pretrain(2.0, 0.70, 0.50), pretrain(2.2, 0.72, 0.48)]
+  base = [pretrain(2.0, 0.80, 0.50), pretrain(2.0, 0.80, 0.50)]
+  c = baseline.compare(ours, base, "pretrain")["figures"]
+  assert set(c) == {"minilm: jax/masked vs torch/eager/full", "minilm: jax/masked MFU", "minilm: jax/masked s/step"}
+  assert c["minilm: jax/masked vs torch/eager/full"]["change"] == pytest.approx(2.1 / 2.0)
+  assert not c["minilm: jax/masked MFU"]["within_5pct"]  # 0.71 / 0.80
+  assert c["minilm: jax/masked s/step"]["change"] == pytest.approx(0.5 / 0.49) and c["minilm: jax/masked s/step"][
+      "within_5pct"]
+  mote = baseline.compare([{"mote_over_siamese": 1.10}], [{"mote_over_siamese": 1.0}], "mote")["figures"]
+  assert mote["mote / siamese step time"]["change"] == pytest.approx(1 / 1.1)
+  text = "\n".join(baseline.lines({"rev": "abc", "sha": "abcdef0123456789", "sections": {
+      "pretrain": baseline.compare(ours, base, "pretrain")}}, report._f))
+  assert "| minilm: jax/masked MFU |" in text and "**no**" in text
+
+
+def test_finetune_and_kernel_ab_sections_render_with_target_rows():
+  from benchmarks import kernel_ab
+  timing = {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "runs": 3}
+  row = dict(timing, flops_per_step=1e9, queries_per_s=32.0, model_gflops_per_s=2.0, mfu=0.01, first_step_s=3.0)
+  finetune = {"gemm": {"gflops": {"jax/float32/512": 100.0}, "peak_fp32_gflops": 100.0,
+                       "peak_fp32_source": "jax/float32/512"},
+              "shapes": {"scifact": {"batch_size": 16, "negatives": 1, "query_len": 64, "passage_len": 256,
+                                     "tower_mode": "mote", "pooling": "mean", "normalize": True, "temperature": 0.05,
+                                     "masked_judged": True, "warmup": 1, "repeats": 3,
+                                     "rows": {"jax/default": row, "torch/eager": dict(row, median_s=1.5)},
+                                     "ratios": {"jax/default vs torch/eager": 3.0},
+                                     "eval_losses": {"jax/default": 1.0, "torch/eager": 1.0},
+                                     "loss_abs_diff_vs_torch": {"jax/default": 1e-6}}}}
+  variants = {"shape": "minilm", "batch_size": 8, "length": 128, "baseline_kernels": {"dense": "cpu_gemm"},
+              "rows": {name: dict(timing, compile_s=1.0, first_loss=2.0, speedup_vs_baseline=s)
+                       for name, s in (("baseline", 1.0), ("kernels-xla", 0.75), ("dense-xla", 0.8),
+                                       ("dropout-jax_random", 0.96), ("clip-scalar", 1.0))}}
+  variants["verdicts"] = kernel_ab.verdicts(variants)
+  text = report.render({"finetune_step": finetune, "kernel_ab": variants}, "python -m benchmarks")
+  assert "## 1b. Contrastive fine-tuning step" in text and "## 7d. CPU kernel set against plain XLA" in text
+  assert "| fine-tuning scifact: jax/default vs torch/eager | >= 2.0x | 3.00x | yes |" in text
+  assert "CPU kernel set, dense: cpu_gemm kept only if >= 1.02x faster than xla" in text
+  assert "depend on the machine" in text.split("## ")[0]  # the header says the PyTorch ratio is machine-bound

@@ -18,8 +18,8 @@ set for JAX's default backend. Values are strings, so a config is hashable and s
              'scalar'    PyTorch's `clip_grad_norm_` form, one scalar coefficient (`kernels.clip`)
 
 The fused attentions have no dropout on the attention probabilities: in training with `attention_dropout > 0` they
-skip it (a warning says so once). The hidden-state dropouts are unaffected. Each CPU choice is A/B'd by the benchmarks'
-variants section (`python -m benchmarks --only variants`).
+skip it (a warning says so once). The hidden-state dropouts are unaffected. Each CPU choice is A/B'd against plain
+XLA by `python -m benchmarks --only kernel_ab`, which also checks that the CPU set keeps only >= 2% gains.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class KernelConfig:
 
     TPU and GPU: plain XLA autodiff, `jax.random` dropout, `optax` clipping, and the fused attention (Pallas
     flash attention on TPU, `jax.nn.dot_product_attention` on GPU). CPU: the tuned set, only the choices that
-    still measure a gain on XLA:CPU (`python -m benchmarks --only variants`).
+    still measure a gain on XLA:CPU (`python -m benchmarks --only kernel_ab`).
     """
     platform = platform.lower()
     if platform == "cpu":
@@ -71,7 +71,7 @@ class KernelConfig:
     return dataclasses.replace(self, **changes)
 
 
-# The tuned XLA:CPU set; what it keeps is decided by an in-process A/B (benchmarks/variants.py, `kernel-*` rows).
+# The tuned XLA:CPU set; what it keeps is decided by an in-process A/B (`python -m benchmarks --only kernel_ab`).
 CPU = KernelConfig(dense="cpu_gemm", dropout="hashed", attention="einsum", grad_clip="optax")
 # Plain XLA everywhere, the reference set (what the accelerators use, bar the fused attention).
 XLA = KernelConfig()
