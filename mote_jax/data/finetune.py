@@ -33,10 +33,10 @@ import dataclasses
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def _join(title: str, text: str) -> str:
 def tevatron_groups(path: str | os.PathLike) -> list[TrainGroup]:
   """Training groups of a Tevatron jsonl file; errors name file:line and field."""
   groups = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with epath.Path(path).open("rb") as f:  # local or gs://...
+    for line_no, raw in enumerate(f, 1):
+      line = raw.decode("utf-8")
       if not line.strip():
         continue
       where = f"{path}:{line_no}"
@@ -155,12 +156,12 @@ def beir_groups(corpus_ids: Sequence[str], passages: Sequence[str], queries: Map
   return groups
 
 
-def write_negatives(path: str | os.PathLike, groups: Sequence[TrainGroup]) -> Path:
-  """Writes groups as Tevatron jsonl (temp file, then rename)."""
-  path = Path(path)
+def write_negatives(path: str | os.PathLike, groups: Sequence[TrainGroup]) -> epath.Path:
+  """Writes groups as Tevatron jsonl (temp file, then rename; on an object store, one object write)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
+  tmp = path if "://" in os.fspath(path) else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with tmp.open("w") as f:
     for g in groups:
       record = {"query_id": g.query_id, "query": g.query,
                 "positive_passages": [{"docid": p.docid, "title": "", "text": p.text} for p in g.positives],
@@ -168,7 +169,8 @@ def write_negatives(path: str | os.PathLike, groups: Sequence[TrainGroup]) -> Pa
       if g.judged:
         record["judged_docids"] = list(g.judged)
       f.write(json.dumps(record) + "\n")
-  os.replace(tmp, path)
+  if tmp != path:
+    tmp.replace(path)
   return path
 
 

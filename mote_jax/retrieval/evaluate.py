@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+from etils import epath
 
 from mote_jax.model import MoteConfig
 from mote_jax.partitioning import Partitioner
@@ -62,12 +62,12 @@ def evaluate_dataset(config: MoteConfig, params: PyTree, tokenizer, data: beir.B
                      beir_dir: str | os.PathLike | None = None) -> dict[str, Any]:
   """`evaluate` of a loaded (possibly subset, e.g. a dev split carved from train) BEIR split `data`."""
   start = time.perf_counter()
-  out_dir = Path(out_dir)
+  out_dir = epath.Path(out_dir)  # local or gs://...
   split = data.split
   embedder = encode.Embedder(config, params, partitioner)
   fingerprint = encode.params_fingerprint(params)
 
-  corpus_dir = Path(corpus_dir) if corpus_dir is not None else out_dir / "corpus"
+  corpus_dir = epath.Path(corpus_dir) if corpus_dir is not None else out_dir / "corpus"
   queries_dir = out_dir / f"queries-{split}"
   corpus_stats = encode.encode_to_store(embedder, tokenizer, data.corpus.passages(), data.corpus.ids, "passage",
                                         corpus_dir, encode_options, model=fingerprint)
