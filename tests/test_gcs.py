@@ -162,3 +162,19 @@ def test_two_stage_recipe_all_on_gs(gcs, tmp_path, data_dir, random_bert_dir):
   # Negatives files hold ids, never passage text (issue 22; the id-only format is another helper's part).
   texts = [p.get("text", "") for m in mined for p in m["negative_passages"] + m.get("positive_passages", [])]
   assert not any(texts), f"the mined negatives file holds passage text, e.g. {next(t for t in texts if t)[:80]!r}"
+
+
+def test_negatives_files_of_a_gin_macro_are_checked(tmp_path):
+  """Stage 2 binds `training_groups.negatives = ['bm25', %STAGE1_NEGATIVES]`: the start-up check resolves the
+  macro and names the missing file."""
+  import gin
+  from mote_jax.jobs import finetune as job
+  missing = tmp_path / "s1" / "mined_negatives.jsonl"
+  gin.clear_config()
+  try:
+    gin.parse_config([f"STAGE1_NEGATIVES = '{missing}'", "training_groups.negatives = ['bm25', %STAGE1_NEGATIVES]"])
+    assert job._negatives_files(job.training_groups) == [str(missing)]
+    with pytest.raises(FileNotFoundError, match=f"training_groups.negatives: {missing}"):
+      job.check_inputs({"training_groups.negatives": job._negatives_files(job.training_groups)}, "finetune")
+  finally:
+    gin.clear_config()

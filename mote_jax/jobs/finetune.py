@@ -185,7 +185,9 @@ def _negatives_files(groups_fn) -> list[str]:
     sources = gin.query_parameter("training_groups.negatives")
   except ValueError:  # not bound: the default, BM25 only
     return []
-  return [os.fspath(s) for s in (sources or ()) if s != "bm25"]
+  resolved = [s.scoped_configurable_fn() if isinstance(s, gin.config.ConfigurableReference) else s  # %MACROs
+              for s in (sources or ())]
+  return [os.fspath(s) for s in resolved if s != "bm25"]
 
 
 @gin.configurable
