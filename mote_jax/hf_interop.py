@@ -166,7 +166,9 @@ def local_copy(path: str | os.PathLike) -> Path:
 
   The copy is written into a temporary sibling and renamed into place, so an interrupted copy is never used; it
   records the remote files' names and sizes (`.listing.json`) and is reused while they are unchanged, else made
-  again. A URI that is not a directory raises FileNotFoundError naming it.
+  again (TF's GCS client caches object metadata for `GCS_STAT_CACHE_MAX_AGE`, 5 s by default, so a change made
+  within that time of an earlier look may go unseen). A URI that is not a directory raises FileNotFoundError
+  naming it.
   """
   if "://" not in os.fspath(path):
     return Path(path).expanduser()

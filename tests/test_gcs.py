@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,23 @@ def test_negatives_files_of_a_gin_macro_are_checked(tmp_path):
       job.check_inputs({"training_groups.negatives": job._negatives_files(job.training_groups)}, "finetune")
   finally:
     gin.clear_config()
+
+
+def test_local_copy_of_a_gs_model_directory(gcs, tmp_path, monkeypatch):
+  """A gs:// directory is copied once into $MOTE_JAX_CACHE, reused while unchanged and copied again when a file
+  changes; a gs:// path that is not a directory is named."""
+  from mote_jax import hf_interop
+  monkeypatch.setenv("MOTE_JAX_CACHE", str(tmp_path / "cache"))
+  gcs.upload("bucket", "lc/model/config.json", b'{"a": 1}')
+  gcs.upload("bucket", "lc/model/sub/vocab.txt", b"x\ny\n")
+  first = hf_interop.local_copy("gs://bucket/lc/model")
+  assert first.parent == tmp_path / "cache" / "remote"
+  assert (first / "config.json").read_bytes() == b'{"a": 1}' and (first / "sub" / "vocab.txt").read_text() == "x\ny\n"
+  stamp = (first / "config.json").stat().st_mtime_ns
+  assert hf_interop.local_copy("gs://bucket/lc/model") == first and (first / "config.json").stat().st_mtime_ns == stamp
+  gcs.upload("bucket", "lc/model/config.json", b'{"a": 22}')
+  time.sleep(6)  # TF's GCS client caches object metadata for 5 s (GCS_STAT_CACHE_MAX_AGE)
+  assert (hf_interop.local_copy("gs://bucket/lc/model") / "config.json").read_bytes() == b'{"a": 22}'
+  assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporaries or stale copies left
+  with pytest.raises(FileNotFoundError, match="gs://bucket/lc/nothing"):
+    hf_interop.local_copy("gs://bucket/lc/nothing")
