@@ -148,8 +148,9 @@ def test_two_stage_recipe_all_on_gs(gcs, tmp_path, data_dir, random_bert_dir):
       (random_bert_dir / "model.safetensors").read_bytes()
   mined = [json.loads(line) for line in gcs.download("gs://bucket/s1/mined_negatives.jsonl").decode().splitlines()]
   assert len(mined) == 43 and all(len(m["negative_passages"]) == 30 for m in mined)
-  corpus = {json.loads(line)["_id"]: json.loads(line) for line in (subset / "corpus.jsonl").read_text().splitlines()}
-  assert all(p["docid"] in corpus for m in mined for p in m["negative_passages"])
+  with open(subset / "corpus.jsonl", encoding="utf-8") as f:  # lines end at "\n" only (texts hold U+2028)
+    corpus_ids = {json.loads(line)["_id"] for line in f}
+  assert all(p["docid"] in corpus_ids for m in mined for p in m["negative_passages"])
 
   result = _launch(gcs, tmp_path, "--gin_file=runs/msmarco_dl19_smoke.gin",
                    "--gin_file=runs/msmarco_dl19_smoke_stage2.gin", "--gin.MODEL_DIR=gs://bucket/s2",
