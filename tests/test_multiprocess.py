@@ -495,8 +495,8 @@ def test_export_to_gs_builds_locally_and_copies(fake_gcs):
 
 def test_jobs_derive_gs_paths_from_model_dir(fake_gcs, monkeypatch, data_dir, minilm_path, tmp_path):
   """The pre-training and fine-tuning jobs with MODEL_DIR=gs://...: checkpoints under it (each job is stopped
-  when it builds its Checkpointer), the BM25 cache written there and read back; retrieval outputs, which still
-  need a local file system, are refused before any work."""
+  when it builds its Checkpointer), the BM25 cache written there and read back; a missing gs:// input is named
+  before any work."""
   from mote_jax.jobs import finetune as finetune_job
   from mote_jax.jobs import pretrain as pretrain_job
 
@@ -530,9 +530,12 @@ def test_jobs_derive_gs_paths_from_model_dir(fake_gcs, monkeypatch, data_dir, mi
                                       cache_dir="gs://bucket/ft/cache")  # read back from the cache
   assert len(data) == 809 and fake_gcs.writes.count(cache) == 1
 
-  with pytest.raises(NotImplementedError, match="gs://bucket/ft2/eval"):
+  # Evaluation and mining outputs go to gs:// too now (tests/test_gcs.py runs them against a GCS emulator); an
+  # input that does not exist stops the job, named, before any work (no Checkpointer built).
+  with pytest.raises(FileNotFoundError, match="finetune.eval_data: gs://bucket/nope/corpus.jsonl"):
     mp_common.run_job([*mp_common.finetune_flags("gs://bucket/ft2", data_dir, bert_dir),
-                       f"--gin.finetune.eval_data={data_dir / 'scifact'}"])
+                       "--gin.finetune.eval_data=gs://bucket/nope"])
+  assert built[-1] == "gs://bucket/ft/checkpoints"
   assert finetune_job.mined_negatives_path("gs://bucket/ft") == "gs://bucket/ft/mined_negatives.jsonl"
 
 

@@ -11,6 +11,11 @@ Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries
 search sharded over processes by query, see `retrieval.sharded`) and writes the top-ranked unjudged passages' ids
 (ids only, one line per query, never texts: `mote_jax.data.finetune`'s ids format); stage 2 trains from the initial checkpoint again with
 BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
+
+Paths: MODEL_DIR, the BEIR data, the negatives files and the model sources may be local or on an object store
+(`gs://...`); every file goes through `etils.epath` / `tf.io.gfile`, and model sources on an object store are
+read through a local copy (`hf_interop.local_copy`). Each job checks that every configured input exists before
+any work starts (`check_inputs`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ import json
 import logging
 import os
 import resource
-import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import gin
@@ -38,7 +42,7 @@ from mote_jax.data.flat_tokens import texts_fingerprint
 from mote_jax.model import EXPERTS, MoteConfig, init_params
 from mote_jax.objectives.contrastive import ContrastiveConfig, ContrastiveModel
 from mote_jax.partitioning import MeshConfig, Partitioner
-from mote_jax.retrieval import beir, encode, metrics, search
+from mote_jax.retrieval import beir, encode, files, metrics, search
 from mote_jax.retrieval.evaluate import Evaluator, StreamedText, evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
 from mote_jax.training.builder import build_trainer
@@ -53,30 +57,42 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   """Where a job's encoder comes from: an HF BERT checkpoint (`checkpoint`, any tower mode) or a `to_hf` export
-  of a MoTE model (`towers`, e.g. a pre-training run's MODEL_DIR/hf)."""
+  of a MoTE model (`towers`, e.g. a pre-training run's MODEL_DIR/hf). Either may be a `gs://` URI: it is
+  copied to the local cache first (`hf_interop.local_copy`), and the tokenizer is read from that copy."""
 
   checkpoint: str | None = None
   towers: str | None = None
   tower_mode: str = "mote"
   overrides: dict | None = None
 
+  def input_paths(self) -> dict[str, str]:
+    """{gin name: path} of the inputs `load` reads from a file system (a hub id or bundled name is not one)."""
+    if self.towers is not None:
+      return {"ModelSource.towers": os.fspath(self.towers)}
+    checkpoint = os.fspath(self.checkpoint) if self.checkpoint is not None else None
+    if checkpoint is not None and (is_uri(checkpoint) or checkpoint.startswith((".", "/", "~"))):
+      return {"ModelSource.checkpoint": checkpoint}
+    return {}
+
   def load(self) -> tuple[MoteConfig, PyTree, Path]:
-    """(config, host params, tokenizer directory)."""
+    """(config, host params, local tokenizer directory)."""
     overrides = dict(self.overrides or {})
     if (self.checkpoint is None) == (self.towers is None):
       raise ValueError("ModelSource: set exactly one of checkpoint and towers")
     if self.towers is not None:
-      config, params = hf_interop.from_hf_towers(self.towers, **overrides)
+      local = hf_interop.local_copy(self.towers)
+      config, params = hf_interop.from_hf_towers(local, **overrides)
       if config.tower_mode != self.tower_mode:
         log.info("%s holds a %s model (ModelSource.tower_mode=%s ignored)", self.towers, config.tower_mode,
                  self.tower_mode)
-      return config, params, Path(self.towers) / "passage"
+      return config, params, local / "passage"
     path = hf_interop.resolve_checkpoint(self.checkpoint)
     config, params = hf_interop.from_hf(path, tower_mode=self.tower_mode, **overrides)
     return config, params, path
 
 
 def _tokenizer(path):
+  """The HF tokenizer of a local directory (`ModelSource.load` returns a local copy of a gs:// source)."""
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(path))
 
@@ -93,6 +109,7 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
   Per query: the first source's positives, every source's negatives in order (duplicates dropped). Positives are
   judged at `min_positive_grade` or above; no judged passage of any grade is a negative. `data`: the split
   already loaded (perhaps with dev queries taken out), instead of reading `beir_dir`."""
+  check_inputs({"training_groups.negatives": [s for s in negatives if s != "bm25"]}, "training_groups")
   data = data if data is not None else beir.load_beir(beir_dir, split)
   corpus_ids, passages = data.corpus.ids, data.corpus.passages()
   fingerprint = texts_fingerprint(passages, corpus_ids)
@@ -120,13 +137,37 @@ def training_groups(beir_dir: str, split: str = "train", negatives: Sequence[str
   return TrainingData(groups, corpus_ids, passages, tuple(data.queries[q] for q in groups.query_ids), fingerprint)
 
 
-def _check_local(path: str | os.PathLike, what: str) -> None:
-  """Retrieval outputs (embedding stores, runs, reports, mined negatives) go through local file APIs: fail before
-  training rather than write a gs://bucket path as a local 'gs:/bucket' directory."""
-  if is_uri(path):
-    raise NotImplementedError(f"{what} writes to {os.fspath(path)!r}, an object store: retrieval outputs need a "
-                              "local or shared file system (mote_jax/retrieval writes with local file APIs); use a "
-                              "local MODEL_DIR or turn the evaluation / mining off")
+def _beir_files(directory: str | os.PathLike, split: str) -> list[epath.Path]:
+  root = epath.Path(directory)
+  return [root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"]
+
+
+def check_inputs(inputs: Mapping[str, Sequence[str | os.PathLike] | str | os.PathLike | None], job: str) -> None:
+  """Raises FileNotFoundError naming every configured input that does not exist (`inputs`: {gin name: path or
+  paths}, None entries skipped), so a mistyped local or gs:// path stops a job before any work (model loading,
+  BM25, training) rather than after it. One metadata request per path on an object store."""
+  missing = []
+  for key, paths in inputs.items():
+    if paths is None:
+      continue
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+      if not epath.Path(path).exists():
+        missing.append(f"{key}: {os.fspath(path)}")
+  if missing:
+    raise FileNotFoundError(f"{job}: {len(missing)} configured input path(s) do not exist: " + "; ".join(missing))
+
+
+def _negatives_files(groups_fn) -> list[str]:
+  """The negatives files (not 'bm25') that `training_groups` will read, from its gin binding."""
+  if groups_fn is not training_groups:
+    return []
+  try:
+    sources = gin.query_parameter("training_groups.negatives")
+  except ValueError:  # not bound: the default, BM25 only
+    return []
+  resolved = [s.scoped_configurable_fn() if isinstance(s, gin.config.ConfigurableReference) else s  # %MACROs
+              for s in (sources or ())]
+  return [os.fspath(s) for s in resolved if s != "bm25"]
 
 
 @gin.configurable
@@ -231,11 +272,8 @@ class _Selection:
 
 
 def _write_json(path: epath.Path, value) -> None:
-  """JSON to `path` through a temporary file and a rename."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(value, indent=2) + "\n")
-  tmp.replace(path)
+  """JSON to `path` through a temporary file and a rename (one object write on gs://)."""
+  files.write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _write_report(run_dir: epath.Path, report: dict) -> None:
@@ -265,9 +303,7 @@ def _write_report(run_dir: epath.Path, report: dict) -> None:
               + ", ".join(f"{n} {v:.4f}" for n, v in test["metrics"].items()), ""]
   lines += [f"Peak RSS of the process: {report['peak_rss_gb']:.2f} GB "
             f"(after data and model preparation: {report['rss_gb']['prepared']:.2f} GB).", ""]
-  tmp = run_dir / f".report.md.tmp-{os.getpid()}"
-  tmp.write_text("\n".join(lines))
-  tmp.replace(run_dir / "report.md")
+  files.write_text(run_dir / "report.md", "\n".join(lines))
 
 
 @gin.configurable
@@ -296,18 +332,15 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   build them once. With several hosts it must be shared by all of them (a shared file system or gs://).
   """
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
-  if eval_data:
-    _check_local(run_dir / "eval", "finetune's evaluation")
-  if mine_negatives_to:
-    _check_local(run_dir / "mining", "finetune's negative mining")
-    _check_local(mine_negatives_to, "finetune's negative mining")
   cache_dir = data_cache_dir or os.fspath(run_dir / "cache")
+  check_inputs({**model.input_paths(), "finetune.train_data": _beir_files(train_data, train_split),
+                "finetune.eval_data": _beir_files(eval_data, eval_split) if eval_data else None,
+                "training_groups.negatives": _negatives_files(groups_fn)}, "finetune")
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
   dev_data = dev_how = None
   if dev is not None:
-    _check_local(run_dir / "dev", "finetune's dev evaluation")
     if not trainer.eval_every:
       raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
     train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
@@ -343,14 +376,14 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   rss = {"prepared": peak_rss_gb()}
   selection = None
   if dev is not None:
-    dev_dir = Path(model_dir) / "dev"
+    dev_dir = run_dir / "dev"
 
     def evaluate_at(step, params):
       return evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
                               method=eval_method, encode_options=encode_options, scann_config=scann_config,
                               partitioner=partitioner, measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
     selection = _Selection(run_dir, evaluate_at, dev.measure,
-                           discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+                           discard=lambda step: _remove_tree(dev_dir / f"step-{step}" / "corpus"))
 
   try:
     state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
@@ -382,22 +415,22 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
                               max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
                               overwrite=True)
   report = None
-  eval_corpus = Path(model_dir) / "eval" / "corpus"
+  eval_corpus = run_dir / "eval" / "corpus"
   if eval_data:
     # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
-    if selection_report is not None and Path(eval_data) == Path(train_data):
-      chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
+    if selection_report is not None and _same_path(eval_data, train_data):
+      chosen = run_dir / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
       eval_corpus = chosen if chosen.exists() else eval_corpus
-    report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
+    report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=run_dir / "eval",
                       method=eval_method, encode_options=encode_options, scann_config=scann_config,
                       partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
   rss["evaluated"] = peak_rss_gb()
   negatives = None
   if mine_negatives_to:
     # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
-    same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
+    same_corpus = eval_data is not None and _same_path(eval_data, train_data)
     negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
-                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                               out_dir=run_dir / "mining", encode_options=encode_options,
                                partitioner=partitioner,
                                corpus_dir=eval_corpus if same_corpus else None)
   _write_report(run_dir, {
@@ -405,6 +438,16 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
       "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
       "peak_rss_gb": peak_rss_gb(), "rss_gb": rss})
   return {"eval": report, "negatives": negatives, "selection": selection_report}
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+  return epath.Path(a) == epath.Path(b)
+
+
+def _remove_tree(path: epath.Path) -> None:
+  """Deletes a directory (local or on an object store) if it exists."""
+  if path.exists():
+    path.rmtree()
 
 
 @gin.configurable
@@ -486,7 +529,11 @@ def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data=gin.
   (MS MARCO dev, TREC DL 2019 and 2020: one corpus.jsonl) encode it once, in MODEL_DIR/eval/corpora/<key>, and
   search one index; the datasets are loaded one at a time. `recall_sample`: queries on which ScaNN's recall@10
   against exact search is measured (method 'scann')."""
-  _check_local(model_dir, "evaluate_job")
+  entries = [(d, split, epath.Path(d).name) if isinstance(d, (str, os.PathLike)) else
+             (d[0], d[1], f"{epath.Path(d[0]).name}-{d[1]}") for d in (data if isinstance(data, (list, tuple))
+                                                                       else [data])]
+  check_inputs({**model.input_paths(),
+                "evaluate_job.data": [f for d, s, _ in entries for f in _beir_files(d, s)]}, "evaluate_job")
   config, params, tokenizer_dir = model.load()
   tokenizer, partitioner = _tokenizer(tokenizer_dir), Partitioner.create(mesh)
   options = dict(method=method, k=k, encode_options=encode_options, scann_config=scann_config,
@@ -495,8 +542,6 @@ def evaluate_job(model_dir: str, *, model: ModelSource = gin.REQUIRED, data=gin.
   if not isinstance(data, (list, tuple)):
     evaluator = Evaluator(config, params, tokenizer, **options)
     return evaluator.evaluate(beir.load_beir(data, split), eval_dir, beir_dir=data)
-  entries = [(d, split, epath.Path(d).name) if isinstance(d, (str, os.PathLike)) else
-             (d[0], d[1], f"{epath.Path(d[0]).name}-{d[1]}") for d in data]
   names = [name for _, _, name in entries]
   if len(set(names)) != len(names):
     raise ValueError(f"evaluate_job.data: two entries share a report directory name: {names}")
@@ -512,6 +557,7 @@ def export_job(model_dir: str, *, model: ModelSource = gin.REQUIRED,
 
   `max_seq_length` (one length or {expert: length}) overrides the towers' serving lengths; by default each keeps
   the source's (its training length, or what the source checkpoint declared)."""
+  check_inputs(model.input_paths(), "export_job")
   config, params, tokenizer_dir = model.load()
   return os.fspath(hf_interop.to_hf_anywhere(config, params, epath.Path(model_dir) / "hf", tokenizer=tokenizer_dir,
                                              max_seq_length=max_seq_length, overwrite=True))

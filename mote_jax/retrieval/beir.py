@@ -5,7 +5,8 @@ Layout (https://github.com/beir-cellar/beir):
   queries.jsonl     {"_id", "text", ...} per line
   qrels/<split>.tsv header "query-id<TAB>corpus-id<TAB>score", then one judgement per line (LF or CRLF)
 
-Every problem is reported with the file and line (or the offending ids), not as a KeyError later on.
+Every problem is reported with the file and line (or the offending ids), not as a KeyError later on. Paths may be
+local or on an object store (`gs://...`): every file goes through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import dataclasses
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterator, Mapping
+
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,28 @@ class BeirDataset:
   qrels: dict[str, dict[str, int]]
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-  """(line number, object) for every non-blank line; malformed JSON raises with file:line."""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+def _lines(path: epath.Path) -> Iterator[tuple[int, str]]:
+  """(line number, line without its LF or CRLF) of a UTF-8 text file, local or on an object store."""
+  with path.open("rb") as f:
+    for line_no, raw in enumerate(f, 1):
       try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise BeirFormatError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from e
-      if not isinstance(obj, dict):
-        raise BeirFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-      yield line_no, obj
+        yield line_no, raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise BeirFormatError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(path: epath.Path) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for every non-blank line; malformed JSON raises with file:line."""
+  for line_no, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise BeirFormatError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict):
+      raise BeirFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    yield line_no, obj
 
 
 def _field(obj: dict, name: str, where: str, *, required: bool = True, id_like: bool = False) -> str:
@@ -87,7 +98,7 @@ def _field(obj: dict, name: str, where: str, *, required: bool = True, id_like: 
 
 def load_corpus(path: str | os.PathLike) -> Corpus:
   """corpus.jsonl -> Corpus; duplicate `_id`s raise BeirFormatError naming them (and their lines)."""
-  path = Path(path)
+  path = epath.Path(path)
   ids, titles, texts, first_line, duplicates = [], [], [], {}, {}
   for line_no, obj in _jsonl(path):
     where = f"{path}:{line_no}"
@@ -111,7 +122,7 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
 
 def load_queries(path: str | os.PathLike) -> dict[str, str]:
   """queries.jsonl -> {query id: text}; duplicate ids and empty (or blank) texts raise naming the id and line."""
-  path = Path(path)
+  path = epath.Path(path)
   queries, first_line = {}, {}
   for line_no, obj in _jsonl(path):
     where = f"{path}:{line_no}"
@@ -132,35 +143,33 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
   A first line starting with "query-id" is the header. Rows must have 3 tab-separated columns with an integer
   score; a repeated (query, doc) pair with a different score is an error.
   """
-  path = Path(path)
+  path = epath.Path(path)
   qrels: dict[str, dict[str, int]] = {}
-  with open(path, encoding="utf-8", newline="") as f:  # newline="": see (and strip) the CR ourselves
-    for line_no, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip() or (line_no == 1 and line.startswith("query-id")):
-        continue
-      columns = line.split("\t")
-      if len(columns) != 3:
-        raise BeirFormatError(f"{path}:{line_no}: expected 3 tab-separated columns "
-                              f"(query-id, corpus-id, score), got {len(columns)}: {line[:200]!r}")
-      query_id, doc_id, score_text = (c.strip() for c in columns)
-      try:
-        score = int(score_text)
+  for line_no, line in _lines(path):
+    if not line.strip() or (line_no == 1 and line.startswith("query-id")):
+      continue
+    columns = line.split("\t")
+    if len(columns) != 3:
+      raise BeirFormatError(f"{path}:{line_no}: expected 3 tab-separated columns "
+                            f"(query-id, corpus-id, score), got {len(columns)}: {line[:200]!r}")
+    query_id, doc_id, score_text = (c.strip() for c in columns)
+    try:
+      score = int(score_text)
+    except ValueError:
+      try:  # some exports write "1.0"
+        value = float(score_text)
       except ValueError:
-        try:  # some exports write "1.0"
-          value = float(score_text)
-        except ValueError:
-          value = None
-        if value is None or not value.is_integer():
-          raise BeirFormatError(f"{path}:{line_no}: score {score_text!r} is not an integer") from None
-        score = int(value)
-      if not query_id or not doc_id:
-        raise BeirFormatError(f"{path}:{line_no}: empty query-id or corpus-id")
-      judged = qrels.setdefault(query_id, {})
-      if doc_id in judged and judged[doc_id] != score:
-        raise BeirFormatError(f"{path}:{line_no}: ({query_id!r}, {doc_id!r}) judged {score} here and "
-                              f"{judged[doc_id]} before")
-      judged[doc_id] = score
+        value = None
+      if value is None or not value.is_integer():
+        raise BeirFormatError(f"{path}:{line_no}: score {score_text!r} is not an integer") from None
+      score = int(value)
+    if not query_id or not doc_id:
+      raise BeirFormatError(f"{path}:{line_no}: empty query-id or corpus-id")
+    judged = qrels.setdefault(query_id, {})
+    if doc_id in judged and judged[doc_id] != score:
+      raise BeirFormatError(f"{path}:{line_no}: ({query_id!r}, {doc_id!r}) judged {score} here and "
+                            f"{judged[doc_id]} before")
+    judged[doc_id] = score
   if not qrels:
     raise BeirFormatError(f"{path}: no judgements")
   return qrels
@@ -205,7 +214,7 @@ def load_beir(directory: str | os.PathLike, split: str = "test", *, allow_unknow
   bad qrels rows (file:line), and qrels that name unknown query or document ids (counted; with
   `allow_unknown_ids=True` those judgements are dropped with a warning instead).
   """
-  directory = Path(directory)
+  directory = epath.Path(directory)
   qrels_path = directory / "qrels" / f"{split}.tsv"
   for path in (directory / "corpus.jsonl", directory / "queries.jsonl", qrels_path):
     if not path.exists():
@@ -222,17 +231,17 @@ def load_beir(directory: str | os.PathLike, split: str = "test", *, allow_unknow
 
 
 def write_subset(data: BeirDataset, out: str | os.PathLike, splits: Mapping[str, list[str]],
-                 doc_ids: set[str]) -> Path:
+                 doc_ids: set[str]) -> epath.Path:
   """Writes a BEIR directory holding `data`'s documents in `doc_ids` (file order), the queries of `splits` and
   each split's qrels (`splits`: split name -> query ids of `data`); e.g. a small dataset cut from a large one, or a
   dev split carved from train. Returns `out`."""
-  out = Path(out)
+  out = epath.Path(out)
   (out / "qrels").mkdir(parents=True, exist_ok=True)
-  with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+  with (out / "corpus.jsonl").open("w") as f:
     for doc_id, title, text in zip(data.corpus.ids, data.corpus.titles, data.corpus.texts):
       if doc_id in doc_ids:
         f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
-  with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+  with (out / "queries.jsonl").open("w") as f:
     for q in dict.fromkeys(q for ids in splits.values() for q in ids):
       f.write(json.dumps({"_id": q, "text": data.queries[q]}) + "\n")
   for split, ids in splits.items():

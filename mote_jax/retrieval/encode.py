@@ -17,11 +17,11 @@ import hashlib
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from mote_jax.model import EXPERTS, MoteConfig, MoteEncoder, init_params
@@ -200,7 +200,7 @@ def encode_texts(embedder: Embedder, tokenizer, texts: Sequence[str], expert: st
 class EncodeStats:
   """What `encode_to_store` did on this process (seconds and rates exclude skipped shards)."""
 
-  directory: Path
+  directory: epath.Path
   num_texts: int
   num_shards: int
   shards_encoded: int
@@ -228,7 +228,7 @@ def encode_to_store(embedder: Embedder, tokenizer, texts: Sequence[str], ids: Se
     raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
   if len(set(ids)) != len(ids):
     raise ValueError(f"{len(ids) - len(set(ids))} duplicate ids among the texts to encode")
-  directory = Path(directory)
+  directory = epath.Path(directory)  # local or gs://...
   directory.mkdir(parents=True, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
   if processes == 1:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mote_jax.retrieval import files
 
@@ -64,7 +64,7 @@ def per_query_metrics(qrels: Qrels, run: Mapping[str, Mapping[str, float]],
   return out
 
 
-def write_run(path: str | os.PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "mote_jax") -> Path:
+def write_run(path: str | os.PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "mote_jax") -> epath.Path:
   """Writes a TREC run file atomically: `qid Q0 docid rank score tag`, best first, ranks from 1.
 
   Scores are written with Python's shortest round-trip repr, so reading the file gives back the same floats.
@@ -92,10 +92,11 @@ def format_run(run: Mapping[str, Mapping[str, float]], tag: str = "mote_jax") ->
 
 def read_run(path: str | os.PathLike) -> Run:
   """Reads a TREC run file (6 whitespace-separated columns); malformed lines raise RunFormatError (file:line)."""
-  path = Path(path)
+  path = epath.Path(path)
   run: Run = {}
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with path.open("rb") as f:  # local or object store (gs://...)
+    for line_no, raw in enumerate(f, 1):
+      line = raw.decode("utf-8")
       if not line.strip():
         continue
       columns = line.split()
@@ -115,6 +116,6 @@ def read_run(path: str | os.PathLike) -> Run:
   return run
 
 
-def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
+def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> epath.Path:
   """One evaluation's report as JSON, written atomically."""
   return files.write_json(path, report)

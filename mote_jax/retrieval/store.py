@@ -17,10 +17,10 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 from mote_jax.retrieval import files
 
@@ -41,11 +41,11 @@ def ids_digest(ids: Sequence[str]) -> str:
   return h.hexdigest()
 
 
-def emb_path(directory: Path, shard: int) -> Path:
+def emb_path(directory: epath.Path, shard: int) -> epath.Path:
   return directory / f"emb_{shard:05d}.npy"
 
 
-def ids_path(directory: Path, shard: int) -> Path:
+def ids_path(directory: epath.Path, shard: int) -> epath.Path:
   return directory / f"ids_{shard:05d}.json"
 
 
@@ -55,7 +55,7 @@ def num_shards(num_texts: int, shard_size: int) -> int:
 
 def check_or_write_manifest(directory: str | os.PathLike, manifest: dict[str, Any], *, write: bool) -> None:
   """Compares `manifest` with the one in `directory` (if any), field by field; writes it if absent and `write`."""
-  directory = Path(directory)
+  directory = epath.Path(directory)
   path = directory / MANIFEST
   if path.exists():
     found = json.loads(path.read_text())
@@ -68,7 +68,7 @@ def check_or_write_manifest(directory: str | os.PathLike, manifest: dict[str, An
     files.write_json(path, manifest)
 
 
-def shard_complete(directory: Path, shard: int, expected_ids: Sequence[str]) -> bool:
+def shard_complete(directory: epath.Path, shard: int, expected_ids: Sequence[str]) -> bool:
   """Whether shard `shard` exists complete for `expected_ids`; a shard for other ids raises StoreMismatchError."""
   ids_file = ids_path(directory, shard)
   if not ids_file.exists():
@@ -82,7 +82,7 @@ def shard_complete(directory: Path, shard: int, expected_ids: Sequence[str]) -> 
   return True
 
 
-def write_shard(directory: Path, shard: int, ids: Sequence[str], embeddings: np.ndarray) -> None:
+def write_shard(directory: epath.Path, shard: int, ids: Sequence[str], embeddings: np.ndarray) -> None:
   """Embeddings first, ids last: the ids file is the shard's completion mark."""
   if len(ids) != len(embeddings):
     raise ValueError(f"shard {shard}: {len(ids)} ids but {len(embeddings)} embeddings")
@@ -94,14 +94,14 @@ def write_shard(directory: Path, shard: int, ids: Sequence[str], embeddings: np.
 class EmbeddingStore:
   """A complete store opened for reading: ids of all rows, and the shards as memory-mapped arrays."""
 
-  directory: Path
+  directory: epath.Path
   manifest: dict[str, Any]
   shard_ids: tuple[tuple[str, ...], ...]
 
   @classmethod
   def open(cls, directory: str | os.PathLike) -> "EmbeddingStore":
     """Opens a store; raises StoreMismatchError naming the first missing or inconsistent shard."""
-    directory = Path(directory)
+    directory = epath.Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
       raise FileNotFoundError(f"{manifest_path}: not found (not an embedding store, or never encoded)")
@@ -113,7 +113,7 @@ class EmbeddingStore:
       if not path.exists():
         raise StoreMismatchError(f"{path}: missing; the encoding of {directory} is incomplete ({count} shards)")
       shard_ids.append(tuple(json.loads(path.read_text())))
-      emb = np.load(emb_path(directory, shard), mmap_mode="r")
+      emb = files.load_npy(emb_path(directory, shard))
       if emb.shape != (len(shard_ids[-1]), manifest["dim"]):
         raise StoreMismatchError(f"{emb_path(directory, shard)}: shape {emb.shape}, expected "
                                  f"({len(shard_ids[-1])}, {manifest['dim']})")
@@ -134,8 +134,8 @@ class EmbeddingStore:
     return [i for shard in self.shard_ids for i in shard]
 
   def shard(self, index: int) -> np.ndarray:
-    """[rows, H] float32, memory-mapped."""
-    return np.load(emb_path(self.directory, index), mmap_mode="r")
+    """[rows, H] float32, memory-mapped (read whole from an object store, which cannot be mapped)."""
+    return files.load_npy(emb_path(self.directory, index))
 
   def iter_shards(self) -> Iterator[tuple[int, tuple[str, ...], np.ndarray]]:
     """(row offset, ids, [rows, H] memory-mapped embeddings) per shard, in order."""
