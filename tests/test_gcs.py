@@ -140,17 +140,20 @@ def test_two_stage_recipe_all_on_gs(gcs, tmp_path, data_dir, random_bert_dir):
   report = json.loads(gcs.download("gs://bucket/s1/eval/report-test-exact.json"))
   assert set(report["metrics"]) == {"RR@10", "R@50", "R@1000", "nDCG@10"} and report["num_queries"] == 43
   assert {"s1/config.gin", "s1/operative_config.gin", "s1/metrics.jsonl", "s1/hf/query/model.safetensors",
-          "s1/hf/mote_config.json", "s1/mining/run-test-exact.trec", "s1/report.json"} <= names
+          "s1/hf/mote_config.json", "s1/report.json"} <= names
   assert (checkpoints / "s1" / "checkpoints" / "6").is_dir()
   # The pretrained model was read from a local copy in MOTE_JAX_CACHE (HF and safetensors read local files).
   copies = list((cache / "remote").iterdir())
   assert len(copies) == 1 and (copies[0] / "model.safetensors").read_bytes() == \
       (random_bert_dir / "model.safetensors").read_bytes()
   mined = [json.loads(line) for line in gcs.download("gs://bucket/s1/mined_negatives.jsonl").decode().splitlines()]
-  assert len(mined) == 43 and all(len(m["negative_passages"]) == 30 for m in mined)
+  assert len(mined) == 43 and all(len(m["negative_document_ids"]) == 30 for m in mined)
+  # Negatives files hold ids, never passage text.
+  assert all(set(m) == {"query_id", "positive_document_ids", "negative_document_ids", "judged_document_ids"}
+             for m in mined)
   with open(subset / "corpus.jsonl", encoding="utf-8") as f:  # lines end at "\n" only (texts hold U+2028)
     corpus_ids = {json.loads(line)["_id"] for line in f}
-  assert all(p["docid"] in corpus_ids for m in mined for p in m["negative_passages"])
+  assert all(set(m["negative_document_ids"]) <= corpus_ids for m in mined)
 
   result = _launch(gcs, tmp_path, "--gin_file=runs/msmarco_dl19_smoke.gin",
                    "--gin_file=runs/msmarco_dl19_smoke_stage2.gin", "--gin.MODEL_DIR=gs://bucket/s2",
@@ -161,9 +164,6 @@ def test_two_stage_recipe_all_on_gs(gcs, tmp_path, data_dir, random_bert_dir):
   assert "s2/hf/passage/model.safetensors" in set(gcs.object_names("bucket"))
   assert (checkpoints / "s2" / "checkpoints" / "6").is_dir()
   assert not (REPO / "gs:").exists()
-  # Negatives files hold ids, never passage text (issue 22; the id-only format is another helper's part).
-  texts = [p.get("text", "") for m in mined for p in m["negative_passages"] + m.get("positive_passages", [])]
-  assert not any(texts), f"the mined negatives file holds passage text, e.g. {next(t for t in texts if t)[:80]!r}"
 
 
 def test_negatives_files_of_a_gin_macro_are_checked(tmp_path):
