@@ -5,7 +5,8 @@ the train queries, left out of training) is evaluated at step 0 and every `Train
 same pipeline as the test evaluation (encode the corpus, search, ir_measures). The params of the best dev step,
 step 0 included, are kept in MODEL_DIR/best and are the ones exported, evaluated and returned, so fine-tuning
 never ships a model worse on dev than the one it started from. MODEL_DIR/report.{json,md} give the dev curve, the
-chosen step, whether step 0 won, the test metrics and the process's peak RSS.
+chosen step, whether step 0 won, the test metrics, the process's peak RSS and its RSS per phase (data preparation,
+each training range, each dev evaluation, export, test evaluation; `finetune.rss_interval`).
 
 Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model and
 writes the top-ranked non-positives as a Tevatron jsonl; stage 2 trains from the initial checkpoint again with
@@ -14,6 +15,7 @@ BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +41,7 @@ from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, metrics, search
 from mote_jax.retrieval.evaluate import evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
+from mote_jax.training.memory import RssMonitor
 from mote_jax.training.builder import build_trainer
 from mote_jax.training.optimizer import OptimizerConfig
 from mote_jax.training.trainer import TrainerConfig
@@ -299,6 +302,12 @@ def _write_report(run_dir: epath.Path, report: dict) -> None:
               + ", ".join(f"{n} {v:.4f}" for n, v in test["metrics"].items()), ""]
   lines += [f"Peak RSS of the process: {report['peak_rss_gb']:.2f} GB "
             f"(after data and model preparation: {report['rss_gb']['prepared']:.2f} GB).", ""]
+  phases = report.get("rss_phases_gb")
+  if phases:
+    lines += ["RSS by phase (GB; MODEL_DIR/rss.jsonl has the samples against the log lines):", "",
+              "| phase | at start | peak | at end |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {p['start_gb']:.2f} | {p['peak_gb']:.2f} | {p['end_gb']:.2f} |" for name, p in phases.items()]
+    lines.append("")
   tmp = run_dir / f".report.md.tmp-{os.getpid()}"
   tmp.write_text("\n".join(lines))
   tmp.replace(run_dir / "report.md")
@@ -314,7 +323,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              eval_measures: Sequence[str] = metrics.DEFAULT_MEASURES,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
-             export_hf: bool = True, dev: DevSelection | None = None) -> dict:
+             export_hf: bool = True, dev: DevSelection | None = None, rss_interval: float = 0.5) -> dict:
   """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert), masking
   passages judged for a query out of its denominator when `contrastive.mask_judged`.
 
@@ -330,107 +339,124 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if mine_negatives_to:
     _check_local(run_dir / "mining", "finetune's negative mining")
     _check_local(mine_negatives_to, "finetune's negative mining")
-  partitioner = Partitioner.create(mesh)
-  config, host_params, tokenizer_dir = model.load()
-  tokenizer = _tokenizer(tokenizer_dir)
-  dev_data = dev_how = None
-  if dev is not None:
-    _check_local(run_dir / "dev", "finetune's dev evaluation")
-    if not trainer.eval_every:
-      raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
-    train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
-    log.info("dev split: %s", dev_how)
-    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
-    del train_set
-  else:
-    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
-  stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
+  sampled = bool(rss_interval) and jax.process_index() == 0
+  if sampled:
+    run_dir.mkdir(parents=True, exist_ok=True)
+  # Phases of the run against RSS: MODEL_DIR/rss.jsonl (process 0), per-phase peaks in the report.
+  monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=rss_interval, log_records=sampled)
+  with monitor:
+    monitor.set_phase("prepare: model, data")
+    partitioner = Partitioner.create(mesh)
+    config, host_params, tokenizer_dir = model.load()
+    tokenizer = _tokenizer(tokenizer_dir)
+    dev_data = dev_how = None
+    if dev is not None:
+      _check_local(run_dir / "dev", "finetune's dev evaluation")
+      if not trainer.eval_every:
+        raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
+      train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
+      log.info("dev split: %s", dev_how)
+      groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
+      del train_set
+    else:
+      groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
+    stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
 
-  contrastive_model = ContrastiveModel(config, contrastive)
-  boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-  shardings = partitioner.param_shardings(boxed)
+    contrastive_model = ContrastiveModel(config, contrastive)
+    boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    shardings = partitioner.param_shardings(boxed)
 
-  def loss_fn(params, batch, rng, deterministic):
-    return contrastive_model.loss_fn(params, batch, rng, deterministic)
+    def loss_fn(params, batch, rng, deterministic):
+      return contrastive_model.loss_fn(params, batch, rng, deterministic)
 
-  loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed,
-                       routes=[config.route(t) for t in EXPERTS], loss_and_grads_fn=contrastive_model.loss_and_grads)
-  checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
-                              keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
-  state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
-  log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
-           config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
-           trainer.num_steps, trainer.num_steps * batch_size / len(groups))
+    loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed,
+                         routes=[config.route(t) for t in EXPERTS], loss_and_grads_fn=contrastive_model.loss_and_grads)
+    checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
+                                keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
+    state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
+    log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
+             config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
+             trainer.num_steps, trainer.num_steps * batch_size / len(groups))
 
-  def batches(start):
-    return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
-                           num_shards=jax.process_count())
+    def batches(start):
+      return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
+                             num_shards=jax.process_count())
 
-  rss = {"prepared": peak_rss_gb()}
-  selection = None
-  if dev is not None:
-    dev_dir = Path(model_dir) / "dev"
+    rss = {"prepared": peak_rss_gb()}
+    selection = None
+    if dev is not None:
+      dev_dir = Path(model_dir) / "dev"
 
-    def evaluate_at(step, params):
-      return evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
-                              method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                              partitioner=partitioner, measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
-    selection = _Selection(run_dir, evaluate_at, dev.measure,
-                           discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+      def evaluate_at(step, params):
+        monitor.set_phase(f"dev evaluation, step {step}")
+        report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
+                                  method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                                  partitioner=partitioner,
+                                  measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+        if step < trainer.num_steps:
+          monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
+        return report
+      selection = _Selection(run_dir, evaluate_at, dev.measure,
+                             discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
 
-  try:
-    state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
-  finally:
-    checkpointer.close()
-  params = state.params
-  rss["trained"] = peak_rss_gb()
-  selection_report = None
-  if selection is not None:
-    best, first = selection.best, selection.curve[0] if selection.curve else None
-    final_step = int(jax.device_get(state.step))
-    if best["step"] != final_step:
-      params = selection.best_params(params)
-    selection.close()
-    curve = sorted(selection.curve, key=lambda r: r["step"])
-    first = curve[0]
-    selection_report = {
-        "dev_split": dev_how, "measure": dev.measure, "chosen_step": best["step"],
-        "chosen_value": best["metrics"][dev.measure], "step0_won": best["step"] == 0,
-        "step0_value": first["metrics"][dev.measure] if first["step"] == 0 else None,
-        "final_step": final_step, "curve": curve,
-        "other_measures": [m for m in best["metrics"] if m != dev.measure]}
-    log.info("model selection: step %d of %d (dev %s %.4f)%s", best["step"], final_step, dev.measure,
-             best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
-             else "")
-  if export_hf:
-    # Each tower serves at the length it was trained at.
-    hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
-                              max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
-                              overwrite=True)
-  report = None
-  eval_corpus = Path(model_dir) / "eval" / "corpus"
-  if eval_data:
-    # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
-    if selection_report is not None and Path(eval_data) == Path(train_data):
-      chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
-      eval_corpus = chosen if chosen.exists() else eval_corpus
-    report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
-                      method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                      partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
-  rss["evaluated"] = peak_rss_gb()
-  negatives = None
-  if mine_negatives_to:
-    # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
-    same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
-    negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
-                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
-                               partitioner=partitioner,
-                               corpus_dir=eval_corpus if same_corpus else None)
-  _write_report(run_dir, {
-      "selection": selection_report,
-      "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
-      "peak_rss_gb": peak_rss_gb(), "rss_gb": rss})
-  return {"eval": report, "negatives": negatives, "selection": selection_report}
+    monitor.set_phase("train" if dev is None else f"train, steps 1-{min(trainer.eval_every, trainer.num_steps)}")
+    try:
+      state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
+    finally:
+      checkpointer.close()
+    params = state.params
+    rss["trained"] = peak_rss_gb()
+    selection_report = None
+    if selection is not None:
+      monitor.set_phase("model selection")
+      best, first = selection.best, selection.curve[0] if selection.curve else None
+      final_step = int(jax.device_get(state.step))
+      if best["step"] != final_step:
+        params = selection.best_params(params)
+      selection.close()
+      curve = sorted(selection.curve, key=lambda r: r["step"])
+      first = curve[0]
+      selection_report = {
+          "dev_split": dev_how, "measure": dev.measure, "chosen_step": best["step"],
+          "chosen_value": best["metrics"][dev.measure], "step0_won": best["step"] == 0,
+          "step0_value": first["metrics"][dev.measure] if first["step"] == 0 else None,
+          "final_step": final_step, "curve": curve,
+          "other_measures": [m for m in best["metrics"] if m != dev.measure]}
+      log.info("model selection: step %d of %d (dev %s %.4f)%s", best["step"], final_step, dev.measure,
+               best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
+               else "")
+    if export_hf:
+      monitor.set_phase("export")
+      # Each tower serves at the length it was trained at.
+      hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
+                                max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
+                                overwrite=True)
+    report = None
+    eval_corpus = Path(model_dir) / "eval" / "corpus"
+    if eval_data:
+      monitor.set_phase("test evaluation")
+      # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
+      if selection_report is not None and Path(eval_data) == Path(train_data):
+        chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
+        eval_corpus = chosen if chosen.exists() else eval_corpus
+      report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
+                        method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                        partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
+    rss["evaluated"] = peak_rss_gb()
+    negatives = None
+    if mine_negatives_to:
+      monitor.set_phase("negative mining")
+      # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
+      same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
+      negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
+                                 out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                                 partitioner=partitioner,
+                                 corpus_dir=eval_corpus if same_corpus else None)
+    _write_report(run_dir, {
+        "selection": selection_report,
+        "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
+        "peak_rss_gb": peak_rss_gb(), "rss_gb": rss, "rss_phases_gb": monitor.summary()})
+    return {"eval": report, "negatives": negatives, "selection": selection_report}
 
 
 @gin.configurable
