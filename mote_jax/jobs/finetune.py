@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mote_jax import hf_interop
+from mote_jax import hf_interop, host_malloc
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, SamplingConfig, TrainGroup,
                                     beir_groups, bm25_run, split_dev, tevatron_groups, write_negatives)
 from mote_jax.model import EXPERTS, MoteConfig, init_params
@@ -323,7 +323,8 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              eval_measures: Sequence[str] = metrics.DEFAULT_MEASURES,
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
-             export_hf: bool = True, dev: DevSelection | None = None, rss_interval: float = 0.5) -> dict:
+             export_hf: bool = True, dev: DevSelection | None = None, rss_interval: float = 0.5,
+             release_memory: bool = True) -> dict:
   """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert), masking
   passages judged for a query out of its denominator when `contrastive.mask_judged`.
 
@@ -332,6 +333,11 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   docstring). Resumes from MODEL_DIR/checkpoints. At the end: MODEL_DIR/hf towers, an evaluation of `eval_data`
   (report in MODEL_DIR/eval), MODEL_DIR/report.{json,md}, and optionally hard negatives of the train split mined
   with the result. Returns {"eval": report or None, "negatives": path or None, "selection": dict or None}.
+
+  Memory: `rss_interval` seconds between RSS samples (MODEL_DIR/rss.jsonl, per-phase peaks in the report; 0: at
+  phase boundaries only). `release_memory` hands the heap's free pages back to the kernel before and after each
+  dev evaluation and after training (`host_malloc.release_free_memory`), so what one phase freed does not stay
+  resident beside what the next allocates (see README, "Memory").
   """
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   if eval_data:
@@ -383,16 +389,22 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
                              num_shards=jax.process_count())
 
     rss = {"prepared": peak_rss_gb()}
+
+    def release():
+      if release_memory:
+        host_malloc.release_free_memory()
     selection = None
     if dev is not None:
       dev_dir = Path(model_dir) / "dev"
 
       def evaluate_at(step, params):
+        release()  # the training step's free temporaries
         monitor.set_phase(f"dev evaluation, step {step}")
         report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
                                   method=eval_method, encode_options=encode_options, scann_config=scann_config,
                                   partitioner=partitioner,
                                   measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+        release()  # the encoding's and the search's free temporaries
         if step < trainer.num_steps:
           monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
         return report
@@ -406,6 +418,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
       checkpointer.close()
     params = state.params
     rss["trained"] = peak_rss_gb()
+    release()
     selection_report = None
     if selection is not None:
       monitor.set_phase("model selection")
