@@ -306,7 +306,8 @@ def _write_report(run_dir: epath.Path, report: dict) -> None:
   if phases:
     lines += ["RSS by phase (GB; MODEL_DIR/rss.jsonl has the samples against the log lines):", "",
               "| phase | at start | peak | at end |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {p['start_gb']:.2f} | {p['peak_gb']:.2f} | {p['end_gb']:.2f} |" for name, p in phases.items()]
+    lines += [f"| {name} | {p['start_gb']:.2f} | {p['peak_gb']:.2f} | {p['end_gb']:.2f} |"
+              for name, p in phases.items()]
     lines.append("")
   tmp = run_dir / f".report.md.tmp-{os.getpid()}"
   tmp.write_text("\n".join(lines))
@@ -408,10 +409,16 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
         if step < trainer.num_steps:
           monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
         return report
-      selection = _Selection(run_dir, evaluate_at, dev.measure,
-                             discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+      selection = _Selection(
+          run_dir, evaluate_at, dev.measure,
+          discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
 
-    monitor.set_phase("train" if dev is None else f"train, steps 1-{min(trainer.eval_every, trainer.num_steps)}")
+    start = int(jax.device_get(state.step))
+    if dev is None:
+      monitor.set_phase("train")
+    elif start > 0:  # resumed: no step-0 evaluation, which would name the phase
+      next_eval = min((start // trainer.eval_every + 1) * trainer.eval_every, trainer.num_steps)
+      monitor.set_phase(f"train, steps {start + 1}-{next_eval}")
     try:
       state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
     finally:
