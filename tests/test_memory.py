@@ -27,7 +27,7 @@ def test_a_phase_peak_holds_what_the_phase_allocated(tmp_path):
       del block
     time.sleep(0.2)
   summary = monitor.summary()
-  assert list(summary) == ["start", "small", "big"]
+  assert list(summary) == ["start", "small", "big"]  # "start": the default name of the first phase
   big, small = summary["big"], summary["small"]
   # The block was resident within "big": its peak is at least 300 MiB above its start (up to rounding), and the
   # phase "small", which allocated nothing, peaked at no more than its start plus noise.

@@ -350,9 +350,9 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if sampled:
     run_dir.mkdir(parents=True, exist_ok=True)
   # Phases of the run against RSS: MODEL_DIR/rss.jsonl (process 0), per-phase peaks in the report.
-  monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=rss_interval, log_records=sampled)
+  monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=rss_interval, log_records=sampled,
+                       phase="prepare: model, data")
   with monitor:
-    monitor.set_phase("prepare: model, data")
     partitioner = Partitioner.create(mesh)
     config, host_params, tokenizer_dir = model.load()
     tokenizer = _tokenizer(tokenizer_dir)

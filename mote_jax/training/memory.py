@@ -59,10 +59,12 @@ class RssMonitor:
 
   Use as a context manager (`with RssMonitor(path) as monitor:`), or `start()` / `stop()`. `path` (None: keep
   the samples in memory only) receives one JSON line per sample and per log record (`log_records`).
-  `interval` 0 or None: no thread; phases are measured at their boundaries only (and by VmHWM).
+  `interval` 0 or None: no thread; phases are measured at their boundaries only (and by VmHWM). `phase`: the
+  name of the first phase.
   """
 
-  def __init__(self, path: str | os.PathLike | None = None, interval: float | None = 0.5, log_records: bool = True):
+  def __init__(self, path: str | os.PathLike | None = None, interval: float | None = 0.5, log_records: bool = True,
+               phase: str = "start"):
     if interval is not None and interval < 0:
       raise ValueError(f"RssMonitor interval={interval}: expected a number of seconds >= 0 (0 or None: no sampling "
                        "thread, phases measured at their boundaries only)")
@@ -76,7 +78,7 @@ class RssMonitor:
     self._running = False
     self._tap: _LogTap | None = None
     self._t0 = time.monotonic()
-    self._phase = "start"
+    self._phase = phase
     self._phases: dict[str, dict] = {}
     self._hwm_at_entry = 0.0
 
