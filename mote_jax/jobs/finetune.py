@@ -399,7 +399,10 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
       dev_dir = Path(model_dir) / "dev"
 
       def evaluate_at(step, params):
-        release()  # the training step's free temporaries
+        # The step's early outputs (the loss) are ready before it finishes; once the params are, its temporaries
+        # are free and can be handed back.
+        jax.block_until_ready(params)
+        release()
         monitor.set_phase(f"dev evaluation, step {step}")
         report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
                                   method=eval_method, encode_options=encode_options, scann_config=scann_config,
@@ -423,7 +426,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
       state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
     finally:
       checkpointer.close()
-    params = state.params
+    params = jax.block_until_ready(state.params)
     rss["trained"] = peak_rss_gb()
     release()
     selection_report = None
