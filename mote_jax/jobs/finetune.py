@@ -15,8 +15,10 @@ BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
@@ -314,7 +316,35 @@ def _write_report(run_dir: epath.Path, report: dict) -> None:
   tmp.replace(run_dir / "report.md")
 
 
+_MONITOR: contextvars.ContextVar[RssMonitor] = contextvars.ContextVar("finetune_rss_monitor")
+
+
+def _rss_monitored(job):
+  """Runs `job(model_dir, ..., rss_interval=...)` under an `RssMonitor` (MODEL_DIR/rss.jsonl on process 0;
+  `rss_interval` 0: phases measured at their boundaries only), which the job reads from `_MONITOR`."""
+  default_interval = inspect.signature(job).parameters["rss_interval"].default
+
+  @functools.wraps(job)
+  def run(*args, **kwargs):
+    interval = kwargs.get("rss_interval", default_interval)
+    run_dir = epath.Path(args[0] if args else kwargs["model_dir"])
+    sampled = bool(interval) and jax.process_index() == 0
+    if sampled:
+      run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=interval, log_records=sampled,
+                         phase="prepare: model, data")
+    with monitor:
+      token = _MONITOR.set(monitor)
+      try:
+        return job(*args, **kwargs)
+      finally:
+        _MONITOR.reset(token)
+
+  return run
+
+
 @gin.configurable
+@_rss_monitored
 def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: str = gin.REQUIRED,
              train_split: str = "train", groups_fn=training_groups, batch_size: int = 16,
              sampling: SamplingConfig = SamplingConfig(), contrastive: ContrastiveConfig = ContrastiveConfig(),
@@ -346,140 +376,134 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   if mine_negatives_to:
     _check_local(run_dir / "mining", "finetune's negative mining")
     _check_local(mine_negatives_to, "finetune's negative mining")
-  sampled = bool(rss_interval) and jax.process_index() == 0
-  if sampled:
-    run_dir.mkdir(parents=True, exist_ok=True)
-  # Phases of the run against RSS: MODEL_DIR/rss.jsonl (process 0), per-phase peaks in the report.
-  monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=rss_interval, log_records=sampled,
-                       phase="prepare: model, data")
-  with monitor:
-    partitioner = Partitioner.create(mesh)
-    config, host_params, tokenizer_dir = model.load()
-    tokenizer = _tokenizer(tokenizer_dir)
-    dev_data = dev_how = None
-    if dev is not None:
-      _check_local(run_dir / "dev", "finetune's dev evaluation")
-      if not trainer.eval_every:
-        raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
-      train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
-      log.info("dev split: %s", dev_how)
-      groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
-      del train_set
-    else:
-      groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
-    stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
+  monitor = _MONITOR.get()  # set by _rss_monitored
+  partitioner = Partitioner.create(mesh)
+  config, host_params, tokenizer_dir = model.load()
+  tokenizer = _tokenizer(tokenizer_dir)
+  dev_data = dev_how = None
+  if dev is not None:
+    _check_local(run_dir / "dev", "finetune's dev evaluation")
+    if not trainer.eval_every:
+      raise ValueError("finetune: DevSelection needs TrainerConfig.eval_every > 0 (the dev evaluation interval)")
+    train_set, dev_data, dev_how = _dev_split(train_data, train_split, dev)
+    log.info("dev split: %s", dev_how)
+    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"), data=train_set)
+    del train_set
+  else:
+    groups = groups_fn(train_data, train_split, cache_dir=os.fspath(run_dir / "cache"))
+  stream = FinetuneStream(groups, tokenizer, sampling, seed=data_seed)
 
-    contrastive_model = ContrastiveModel(config, contrastive)
-    boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    shardings = partitioner.param_shardings(boxed)
+  contrastive_model = ContrastiveModel(config, contrastive)
+  boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  shardings = partitioner.param_shardings(boxed)
 
-    def loss_fn(params, batch, rng, deterministic):
-      return contrastive_model.loss_fn(params, batch, rng, deterministic)
+  def loss_fn(params, batch, rng, deterministic):
+    return contrastive_model.loss_fn(params, batch, rng, deterministic)
 
-    loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed,
-                         routes=[config.route(t) for t in EXPERTS], loss_and_grads_fn=contrastive_model.loss_and_grads)
-    checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
-                                keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
-    state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
-    log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
-             config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
-             trainer.num_steps, trainer.num_steps * batch_size / len(groups))
+  loop = build_trainer(trainer, optimizer, partitioner, loss_fn, model_dir, boxed,
+                       routes=[config.route(t) for t in EXPERTS], loss_and_grads_fn=contrastive_model.loss_and_grads)
+  checkpointer = Checkpointer(run_dir / "checkpoints", save_every=trainer.checkpoint_every,
+                              keep=trainer.keep_checkpoints, async_save=trainer.async_checkpointing)
+  state = loop.restore_or_init(checkpointer, lambda: partitioner.shard(host_params, shardings), nn.unbox(boxed))
+  log.info("fine-tuning %s on mesh %s: %d groups, batch %d queries x (1 + %d) passages, %d steps (%.1f epochs)",
+           config.tower_mode, dict(partitioner.mesh.shape), len(groups), batch_size, sampling.negatives,
+           trainer.num_steps, trainer.num_steps * batch_size / len(groups))
 
-    def batches(start):
-      return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
-                             num_shards=jax.process_count())
+  def batches(start):
+    return FinetuneBatches(stream, batch_size=batch_size, start_step=start, shard_index=jax.process_index(),
+                           num_shards=jax.process_count())
 
-    rss = {"prepared": peak_rss_gb()}
+  rss = {"prepared": peak_rss_gb()}
 
-    def release():
-      if release_memory:
-        host_malloc.release_free_memory()
-    selection = None
-    if dev is not None:
-      dev_dir = Path(model_dir) / "dev"
+  def release():
+    if release_memory:
+      host_malloc.release_free_memory()
 
-      def evaluate_at(step, params):
-        # The step's early outputs (the loss) are ready before it finishes; once the params are, its temporaries
-        # are free and can be handed back.
-        jax.block_until_ready(params)
-        release()
-        monitor.set_phase(f"dev evaluation, step {step}")
-        report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
-                                  method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                                  partitioner=partitioner,
-                                  measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
-        release()  # the encoding's and the search's free temporaries
-        if step < trainer.num_steps:
-          monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
-        return report
-      selection = _Selection(
-          run_dir, evaluate_at, dev.measure,
-          discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+  selection = None
+  if dev is not None:
+    dev_dir = Path(model_dir) / "dev"
 
-    start = int(jax.device_get(state.step))
-    if dev is None:
-      monitor.set_phase("train")
-    elif start > 0:  # resumed: no step-0 evaluation, which would name the phase
-      next_eval = min((start // trainer.eval_every + 1) * trainer.eval_every, trainer.num_steps)
-      monitor.set_phase(f"train, steps {start + 1}-{next_eval}")
-    try:
-      state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
-    finally:
-      checkpointer.close()
-    params = jax.block_until_ready(state.params)
-    rss["trained"] = peak_rss_gb()
-    release()
-    selection_report = None
-    if selection is not None:
-      monitor.set_phase("model selection")
-      best, first = selection.best, selection.curve[0] if selection.curve else None
-      final_step = int(jax.device_get(state.step))
-      if best["step"] != final_step:
-        params = selection.best_params(params)
-      selection.close()
-      curve = sorted(selection.curve, key=lambda r: r["step"])
-      first = curve[0]
-      selection_report = {
-          "dev_split": dev_how, "measure": dev.measure, "chosen_step": best["step"],
-          "chosen_value": best["metrics"][dev.measure], "step0_won": best["step"] == 0,
-          "step0_value": first["metrics"][dev.measure] if first["step"] == 0 else None,
-          "final_step": final_step, "curve": curve,
-          "other_measures": [m for m in best["metrics"] if m != dev.measure]}
-      log.info("model selection: step %d of %d (dev %s %.4f)%s", best["step"], final_step, dev.measure,
-               best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
-               else "")
-    if export_hf:
-      monitor.set_phase("export")
-      # Each tower serves at the length it was trained at.
-      hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
-                                max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
-                                overwrite=True)
-    report = None
-    eval_corpus = Path(model_dir) / "eval" / "corpus"
-    if eval_data:
-      monitor.set_phase("test evaluation")
-      # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
-      if selection_report is not None and Path(eval_data) == Path(train_data):
-        chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
-        eval_corpus = chosen if chosen.exists() else eval_corpus
-      report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
-                        method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                        partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
-    rss["evaluated"] = peak_rss_gb()
-    negatives = None
-    if mine_negatives_to:
-      monitor.set_phase("negative mining")
-      # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
-      same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
-      negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
-                                 out_dir=Path(model_dir) / "mining", encode_options=encode_options,
-                                 partitioner=partitioner,
-                                 corpus_dir=eval_corpus if same_corpus else None)
-    _write_report(run_dir, {
-        "selection": selection_report,
-        "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
-        "peak_rss_gb": peak_rss_gb(), "rss_gb": rss, "rss_phases_gb": monitor.summary()})
-    return {"eval": report, "negatives": negatives, "selection": selection_report}
+    def evaluate_at(step, params):
+      # The step's early outputs (the loss) are ready before it finishes; once the params are, its temporaries
+      # are free and can be handed back.
+      jax.block_until_ready(params)
+      release()
+      monitor.set_phase(f"dev evaluation, step {step}")
+      report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
+                                method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                                partitioner=partitioner,
+                                measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+      release()  # the encoding's and the search's free temporaries
+      if step < trainer.num_steps:
+        monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
+      return report
+    selection = _Selection(run_dir, evaluate_at, dev.measure,
+                           discard=lambda step: shutil.rmtree(dev_dir / f"step-{step}" / "corpus", ignore_errors=True))
+
+  start = int(jax.device_get(state.step))
+  if dev is None:
+    monitor.set_phase("train")
+  elif start > 0:  # resumed: no step-0 evaluation, which would name the phase
+    next_eval = min((start // trainer.eval_every + 1) * trainer.eval_every, trainer.num_steps)
+    monitor.set_phase(f"train, steps {start + 1}-{next_eval}")
+  try:
+    state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
+  finally:
+    checkpointer.close()
+  params = jax.block_until_ready(state.params)
+  rss["trained"] = peak_rss_gb()
+  release()
+  selection_report = None
+  if selection is not None:
+    monitor.set_phase("model selection")
+    best, first = selection.best, selection.curve[0] if selection.curve else None
+    final_step = int(jax.device_get(state.step))
+    if best["step"] != final_step:
+      params = selection.best_params(params)
+    selection.close()
+    curve = sorted(selection.curve, key=lambda r: r["step"])
+    first = curve[0]
+    selection_report = {
+        "dev_split": dev_how, "measure": dev.measure, "chosen_step": best["step"],
+        "chosen_value": best["metrics"][dev.measure], "step0_won": best["step"] == 0,
+        "step0_value": first["metrics"][dev.measure] if first["step"] == 0 else None,
+        "final_step": final_step, "curve": curve,
+        "other_measures": [m for m in best["metrics"] if m != dev.measure]}
+    log.info("model selection: step %d of %d (dev %s %.4f)%s", best["step"], final_step, dev.measure,
+             best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
+             else "")
+  if export_hf:
+    monitor.set_phase("export")
+    # Each tower serves at the length it was trained at.
+    hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
+                              max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
+                              overwrite=True)
+  report = None
+  eval_corpus = Path(model_dir) / "eval" / "corpus"
+  if eval_data:
+    monitor.set_phase("test evaluation")
+    # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
+    if selection_report is not None and Path(eval_data) == Path(train_data):
+      chosen = Path(model_dir) / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
+      eval_corpus = chosen if chosen.exists() else eval_corpus
+    report = evaluate(config, params, tokenizer, eval_data, eval_split, out_dir=Path(model_dir) / "eval",
+                      method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                      partitioner=partitioner, measures=eval_measures, corpus_dir=eval_corpus)
+  rss["evaluated"] = peak_rss_gb()
+  negatives = None
+  if mine_negatives_to:
+    monitor.set_phase("negative mining")
+    # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
+    same_corpus = eval_data is not None and Path(eval_data) == Path(train_data)
+    negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
+                               out_dir=Path(model_dir) / "mining", encode_options=encode_options,
+                               partitioner=partitioner,
+                               corpus_dir=eval_corpus if same_corpus else None)
+  _write_report(run_dir, {
+      "selection": selection_report,
+      "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
+      "peak_rss_gb": peak_rss_gb(), "rss_gb": rss, "rss_phases_gb": monitor.summary()})
+  return {"eval": report, "negatives": negatives, "selection": selection_report}
 
 
 @gin.configurable
