@@ -13,6 +13,13 @@ them). Where the host has an accelerator the step's temporaries live in device m
 only serialise the allocations of the input pipeline's threads (tf.data, grain) for nothing: so the settings apply
 on CPU-only hosts only.
 
+Between phases that allocate differently (a fine-tuning run's training steps and its dev evaluations: corpus
+encodings at other shapes, their compilations, search) the free space the one phase leaves is fragmented by what
+the other keeps, so each switch can add a copy of the step's temporaries to the heap, all of it resident, since
+nothing is trimmed. `release_free_memory()` (glibc `malloc_trim(0)`) hands every free page of the heap back to
+the kernel, the holes in its middle included; jobs call it when such a phase ends, at the cost of faulting the
+next step's temporaries in once.
+
 glibc reads these variables only when a process starts, so `reexec_with_settings` restarts the interpreter with
 them (once; values already in the environment win). Whether the host is CPU-only is decided before that restart,
 without importing JAX (`cpu_only_host`): `JAX_PLATFORMS` when set (CPU-only when it names only `cpu`), otherwise
@@ -22,10 +29,15 @@ TPU/GPU environment variables. `MOTE_JAX_MALLOC_TUNING=1` forces the settings on
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import glob
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 SETTINGS = {
     "MALLOC_ARENA_MAX": "1",  # thread arenas are mmap'd heaps that glibc shrinks with MADV_DONTNEED
@@ -96,3 +108,26 @@ def reexec_with_settings(args: Sequence[str]) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *args], env)
+
+
+def release_free_memory() -> bool:
+  """Returns the free pages of glibc's heaps to the kernel (`malloc_trim(0)`, which also releases free chunks in
+  the middle of a heap, not only its top). Whatever the malloc settings; a no-op returning False where the C
+  library has no malloc_trim (not glibc). True when memory was released."""
+  trim = _malloc_trim()
+  return bool(trim(0)) if trim is not None else False
+
+
+_TRIM = None
+
+
+def _malloc_trim():
+  global _TRIM
+  if _TRIM is None:
+    try:
+      libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+      _TRIM = libc.malloc_trim
+      _TRIM.argtypes, _TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+      _TRIM = False
+  return _TRIM or None

@@ -95,3 +95,37 @@ def test_settings_apply_on_cpu_only_hosts_unless_forced(env, devices, cpu_only):
   assert not host_malloc.wanted({**env, host_malloc.SWITCH: "0"}, files)
   with pytest.raises(ValueError, match="MOTE_JAX_MALLOC_TUNING='yes'"):
     host_malloc.wanted({**env, host_malloc.SWITCH: "yes"}, files)
+
+
+# Under the settings: fills 256 MiB, pins the heap above it with a small block (so it is a hole, not the heap's
+# top), frees it, then calls release_free_memory; reports VmRSS (kB) at each point.
+_HOLE_PROBE = """
+import ctypes, json
+from mote_jax import host_malloc
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+size = 256 * 2**20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+pin = libc.malloc(4096)
+filled = rss()
+libc.free(block)
+freed = rss()
+released = host_malloc.release_free_memory()
+print(json.dumps({"filled": filled, "freed": freed, "trimmed": rss(), "released": released}))
+"""
+
+
+def test_release_free_memory_returns_a_hole_in_the_heap():
+  program = ("import sys\nfrom mote_jax import host_malloc\n"
+             "host_malloc.reexec_with_settings(['-c', sys.argv[1]])\n" + "exec(sys.argv[1])\n")
+  out = _run(["-c", program, _HOLE_PROBE], {host_malloc.SWITCH: "1"})
+  mib = 1024  # kB
+  # The settings keep the freed block resident (nothing is trimmed or unmapped) ...
+  assert out["freed"] > out["filled"] - 16 * mib
+  # ... and release_free_memory hands its pages back although it lies below the pinned block.
+  assert out["released"] and out["trimmed"] < out["freed"] - 240 * mib

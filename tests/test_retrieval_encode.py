@@ -167,3 +167,21 @@ def test_params_fingerprint(tiny_params_unboxed, embedder):
   leaf = jax.tree.leaves(changed)[0]
   leaf.flat[0] = np.nextafter(leaf.flat[0], np.float32(1))  # one ulp of one weight
   assert params_fingerprint(changed) != first
+
+
+def test_a_new_embedder_of_the_same_model_compiles_nothing_new(tiny_params_unboxed, tokenizer, texts):
+  """A fine-tuning run evaluates its dev split with a new Embedder (new params) every N steps: the compiled
+  shapes of the first are reused, and the second's embeddings are its own params' (checked against the
+  unbatched reference)."""
+  partitioner = Partitioner.create(MeshConfig(data=-1))
+  first = Embedder(TINY, tiny_params_unboxed, partitioner)
+  encode_texts(first, tokenizer, texts, "passage", OPTIONS)
+  compiled = first._function("passage")._cache_size()
+  assert compiled >= 2  # several length buckets
+  moved = jax.tree.map(lambda x: x * 1.5, tiny_params_unboxed)
+  second = Embedder(TINY, moved, Partitioner.create(MeshConfig(data=-1)))  # an equal mesh, another object
+  assert second._function("passage") is first._function("passage")
+  got = encode_texts(second, tokenizer, texts, "passage", OPTIONS)
+  assert first._function("passage")._cache_size() == compiled
+  np.testing.assert_allclose(got, _reference(moved, tokenizer, texts, "passage", OPTIONS.max_length),
+                             rtol=2e-5, atol=2e-5)

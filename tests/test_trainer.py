@@ -291,3 +291,21 @@ def test_build_trainer_picks_the_routing_and_the_platform_kernels(tmp_path):
   assert build_trainer(*args, kernels=KernelConfig(grad_clip="scalar")).kernels.grad_clip == "scalar"
   with pytest.raises(ValueError, match="routes or routing"):
     build_trainer(*args, routes=[("tower", 1)], routing=Routing())
+
+
+def test_the_heap_is_released_once_the_step_has_compiled(tmp_path, monkeypatch):
+  """After the first step (whose call compiled it) the trainer hands the heap's free pages back, once per run:
+  the compiler's freed memory would otherwise stay resident under host_malloc's settings."""
+  from mote_jax import host_malloc
+  calls = []
+  real = host_malloc.release_free_memory
+  trainer, params = _trainer(tmp_path, num_steps=3)
+  step_fn = trainer.compile_step(trainer.init_state(params))
+
+  def counting():
+    calls.append(step_fn._cache_size())  # the step is compiled by the time of the call
+    return real()
+
+  monkeypatch.setattr(host_malloc, "release_free_memory", counting)
+  trainer.train(trainer.init_state(params), _batches, Checkpointer(tmp_path / "ckpt", save_every=100))
+  assert calls == [1]

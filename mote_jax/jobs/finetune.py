@@ -5,7 +5,8 @@ the train queries, left out of training) is evaluated at step 0 and every `Train
 same pipeline as the test evaluation (encode the corpus, search, ir_measures). The params of the best dev step,
 step 0 included, are kept in MODEL_DIR/best and are the ones exported, evaluated and returned, so fine-tuning
 never ships a model worse on dev than the one it started from. MODEL_DIR/report.{json,md} give the dev curve, the
-chosen step, whether step 0 won, the test metrics and the process's peak RSS.
+chosen step, whether step 0 won, the test metrics, the process's peak RSS and its RSS per phase (data preparation,
+each training range, each dev evaluation, export, test evaluation; `finetune.rss_interval`).
 
 Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model (the
 search sharded over processes by query, see `retrieval.sharded`) and writes the top-ranked unjudged passages' ids
@@ -20,7 +21,10 @@ any work starts (`check_inputs`).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mote_jax import hf_interop
+from mote_jax import hf_interop, host_malloc
 from mote_jax.data.finetune import (FinetuneBatches, FinetuneStream, GroupTable, SamplingConfig, TrainingData,
                                     beir_groups, corpus_rows, merge_groups, read_negatives, sharded_bm25_run,
                                     split_dev)
@@ -45,6 +49,7 @@ from mote_jax.partitioning import MeshConfig, Partitioner
 from mote_jax.retrieval import beir, encode, files, metrics, search
 from mote_jax.retrieval.evaluate import Evaluator, StreamedText, evaluate, evaluate_dataset
 from mote_jax.training.checkpointing import Checkpointer, is_uri
+from mote_jax.training.memory import RssMonitor
 from mote_jax.training.builder import build_trainer
 from mote_jax.training.optimizer import OptimizerConfig
 from mote_jax.training.trainer import TrainerConfig
@@ -303,10 +308,45 @@ def _write_report(run_dir: epath.Path, report: dict) -> None:
               + ", ".join(f"{n} {v:.4f}" for n, v in test["metrics"].items()), ""]
   lines += [f"Peak RSS of the process: {report['peak_rss_gb']:.2f} GB "
             f"(after data and model preparation: {report['rss_gb']['prepared']:.2f} GB).", ""]
+  phases = report.get("rss_phases_gb")
+  if phases:
+    lines += ["RSS by phase (GB; MODEL_DIR/rss.jsonl has the samples against the log lines):", "",
+              "| phase | at start | peak | at end |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {p['start_gb']:.2f} | {p['peak_gb']:.2f} | {p['end_gb']:.2f} |"
+              for name, p in phases.items()]
+    lines.append("")
   files.write_text(run_dir / "report.md", "\n".join(lines))
 
 
+_MONITOR: contextvars.ContextVar[RssMonitor] = contextvars.ContextVar("finetune_rss_monitor")
+
+
+def _rss_monitored(job):
+  """Runs `job(model_dir, ..., rss_interval=...)` under an `RssMonitor` (MODEL_DIR/rss.jsonl on process 0;
+  `rss_interval` 0: phases measured at their boundaries only), which the job reads from `_MONITOR`."""
+  default_interval = inspect.signature(job).parameters["rss_interval"].default
+
+  @functools.wraps(job)
+  def run(*args, **kwargs):
+    interval = kwargs.get("rss_interval", default_interval)
+    run_dir = epath.Path(args[0] if args else kwargs["model_dir"])
+    sampled = bool(interval) and jax.process_index() == 0
+    if sampled:
+      run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=interval, log_records=sampled,
+                         phase="prepare: model, data")
+    with monitor:
+      token = _MONITOR.set(monitor)
+      try:
+        return job(*args, **kwargs)
+      finally:
+        _MONITOR.reset(token)
+
+  return run
+
+
 @gin.configurable
+@_rss_monitored
 def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: str = gin.REQUIRED,
              train_split: str = "train", groups_fn=training_groups, batch_size: int = 16,
              sampling: SamplingConfig = SamplingConfig(), contrastive: ContrastiveConfig = ContrastiveConfig(),
@@ -317,7 +357,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              encode_options: encode.EncodeOptions = encode.EncodeOptions(),
              scann_config: search.ScannConfig = search.ScannConfig(), mine_negatives_to: str | None = None,
              export_hf: bool = True, dev: DevSelection | None = None,
-             data_cache_dir: str | None = None) -> dict:
+             data_cache_dir: str | None = None, rss_interval: float = 0.5, release_memory: bool = True) -> dict:
   """Fine-tunes with InfoNCE over the global batch (queries: query expert, passages: passage expert), masking
   passages judged for a query out of its denominator when `contrastive.mask_judged`.
 
@@ -330,12 +370,17 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   `data_cache_dir` (default MODEL_DIR/cache): where the tokenised corpus and queries and the BM25 index and runs
   are cached (`mote_jax.data.flat_tokens`, `mote_jax.data.bm25`); point stage 1 and stage 2 at one directory to
   build them once. With several hosts it must be shared by all of them (a shared file system or gs://).
+  Memory: `rss_interval` seconds between RSS samples (MODEL_DIR/rss.jsonl, per-phase peaks in the report; 0: at
+  phase boundaries only). `release_memory` hands the heap's free pages back to the kernel before and after each
+  dev evaluation and after training (`host_malloc.release_free_memory`), so what one phase freed does not stay
+  resident beside what the next allocates (see README, "Memory").
   """
   run_dir = epath.Path(model_dir)  # local or gs://...; pathlib would collapse the "//"
   cache_dir = data_cache_dir or os.fspath(run_dir / "cache")
   check_inputs({**model.input_paths(), "finetune.train_data": _beir_files(train_data, train_split),
                 "finetune.eval_data": _beir_files(eval_data, eval_split) if eval_data else None,
                 "training_groups.negatives": _negatives_files(groups_fn)}, "finetune")
+  monitor = _MONITOR.get()  # set by _rss_monitored
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
@@ -374,25 +419,48 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
                            num_shards=jax.process_count())
 
   rss = {"prepared": peak_rss_gb()}
+
+  def release():
+    if release_memory:
+      host_malloc.release_free_memory()
+
   selection = None
   if dev is not None:
     dev_dir = run_dir / "dev"
 
     def evaluate_at(step, params):
-      return evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
-                              method=eval_method, encode_options=encode_options, scann_config=scann_config,
-                              partitioner=partitioner, measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+      # The step's early outputs (the loss) are ready before it finishes; once the params are, its temporaries
+      # are free and can be handed back.
+      jax.block_until_ready(params)
+      release()
+      monitor.set_phase(f"dev evaluation, step {step}")
+      report = evaluate_dataset(config, params, tokenizer, dev_data, out_dir=dev_dir / f"step-{step}",
+                                method=eval_method, encode_options=encode_options, scann_config=scann_config,
+                                partitioner=partitioner,
+                                measures=tuple(dict.fromkeys((dev.measure, *eval_measures))))
+      release()  # the encoding's and the search's free temporaries
+      if step < trainer.num_steps:
+        monitor.set_phase(f"train, steps {step + 1}-{min(step + trainer.eval_every, trainer.num_steps)}")
+      return report
     selection = _Selection(run_dir, evaluate_at, dev.measure,
                            discard=lambda step: _remove_tree(dev_dir / f"step-{step}" / "corpus"))
 
+  start = int(jax.device_get(state.step))
+  if dev is None:
+    monitor.set_phase("train")
+  elif start > 0:  # resumed: no step-0 evaluation, which would name the phase
+    next_eval = min((start // trainer.eval_every + 1) * trainer.eval_every, trainer.num_steps)
+    monitor.set_phase(f"train, steps {start + 1}-{next_eval}")
   try:
     state = loop.train(state, batches, checkpointer, evaluate_fn=selection)
   finally:
     checkpointer.close()
-  params = state.params
+  params = jax.block_until_ready(state.params)
   rss["trained"] = peak_rss_gb()
+  release()
   selection_report = None
   if selection is not None:
+    monitor.set_phase("model selection")
     best, first = selection.best, selection.curve[0] if selection.curve else None
     final_step = int(jax.device_get(state.step))
     if best["step"] != final_step:
@@ -410,6 +478,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
              best["metrics"][dev.measure], "; step 0 won: the starting params are shipped" if best["step"] == 0
              else "")
   if export_hf:
+    monitor.set_phase("export")
     # Each tower serves at the length it was trained at.
     hf_interop.to_hf_anywhere(config, params, run_dir / "hf", tokenizer=tokenizer_dir,
                               max_seq_length={"query": sampling.query_max_len, "passage": sampling.passage_max_len},
@@ -417,6 +486,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   report = None
   eval_corpus = run_dir / "eval" / "corpus"
   if eval_data:
+    monitor.set_phase("test evaluation")
     # The chosen dev step's corpus encoding is the same model's encoding of the same corpus: reused, not redone.
     if selection_report is not None and _same_path(eval_data, train_data):
       chosen = run_dir / "dev" / f"step-{selection_report['chosen_step']}" / "corpus"
@@ -427,6 +497,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   rss["evaluated"] = peak_rss_gb()
   negatives = None
   if mine_negatives_to:
+    monitor.set_phase("negative mining")
     # When the evaluation searched the same corpus, its encoding (same model) is reused, not recomputed.
     same_corpus = eval_data is not None and _same_path(eval_data, train_data)
     negatives = mine_negatives(config, params, tokenizer, train_data, train_split, mine_negatives_to,
@@ -436,7 +507,7 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   _write_report(run_dir, {
       "selection": selection_report,
       "test": None if report is None else {k: report[k] for k in ("dataset", "split", "num_queries", "metrics")},
-      "peak_rss_gb": peak_rss_gb(), "rss_gb": rss})
+      "peak_rss_gb": peak_rss_gb(), "rss_gb": rss, "rss_phases_gb": monitor.summary()})
   return {"eval": report, "negatives": negatives, "selection": selection_report}
 
 

@@ -13,6 +13,7 @@ run, and a process with fewer texts fills its rows with padding. Padded rows are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -95,11 +96,25 @@ def params_fingerprint(params: PyTree) -> str:
   return h.hexdigest()[:20]
 
 
+@functools.lru_cache(maxsize=8)
+def _embed_function(partitioner: Partitioner, config: MoteConfig, expert: str) -> Callable:
+  """The jitted `(params, batch) -> [B, H] embeddings` of one expert, shared by every `Embedder` of the same
+  mesh and model config: a run that evaluates a dev split every N steps (a new Embedder each time, new params)
+  compiles each (expert, length) shape once, not once per evaluation. A few recent ones are kept."""
+
+  def embed(params, batch):
+    return MoteEncoder(config).apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                     expert=expert, method=MoteEncoder.embed)
+
+  return partitioner.jit(embed, out_shardings=partitioner.batch_sharding(2))
+
+
 class Embedder:
   """A MoTE encoder on a mesh: int [rows, L] local batches -> float32 [rows, H] pooled embeddings.
 
   `params` may be host (numpy) arrays, identical on every process, or jax.Arrays; either way they end up with
-  the partitioner's parameter shardings. Each (expert, L) pair compiles once.
+  the partitioner's parameter shardings. Each (expert, L) pair compiles once per mesh and config, whatever the
+  params (see `_embed_function`).
   """
 
   def __init__(self, config: MoteConfig, params: PyTree, partitioner: Partitioner | None = None):
@@ -111,7 +126,7 @@ class Embedder:
       self.params = jax.device_put(params, shardings)  # a no-op for params already placed this way
     else:
       self.params = self.partitioner.shard(params, shardings)
-    self._functions: dict[str, Callable] = {}
+    self._uncached: dict[str, Callable] = {}
 
   @property
   def dim(self) -> int:
@@ -120,15 +135,12 @@ class Embedder:
   def _function(self, expert: str) -> Callable:
     if expert not in EXPERTS:
       raise ValueError(f"expert={expert!r}: expected one of {EXPERTS}")
-    if expert not in self._functions:
-      config = self.config
-
-      def embed(params, batch):
-        return MoteEncoder(config).apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                         expert=expert, method=MoteEncoder.embed)
-
-      self._functions[expert] = self.partitioner.jit(embed, out_shardings=self.partitioner.batch_sharding(2))
-    return self._functions[expert]
+    try:
+      return _embed_function(self.partitioner, self.config, expert)
+    except TypeError:  # a config with an unhashable field: compiled for this Embedder only
+      if expert not in self._uncached:
+        self._uncached[expert] = _embed_function.__wrapped__(self.partitioner, self.config, expert)
+      return self._uncached[expert]
 
   def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, expert: str) -> np.ndarray:
     """This process's rows (the same count on every process) -> their embeddings [rows, H] float32."""
