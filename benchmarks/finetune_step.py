@@ -22,6 +22,7 @@ counts) per second over the fp32 GEMM peak measured at the start of the section.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import tempfile
@@ -64,7 +65,7 @@ def _groups(split: str = "train"):
   scifact = DATA_DIR / "scifact"
   if not (scifact / "corpus.jsonl").exists():
     raise FileNotFoundError(f"{scifact}/corpus.jsonl not found (set MOTE_DATA_DIR)")
-  return tuple(training_groups(str(scifact), split, negatives=["bm25"], bm25_depth=100, num_negatives=30))
+  return training_groups(str(scifact), split, negatives=["bm25"], bm25_depth=100, num_negatives=30)
 
 
 def finetune_batch(batch_size: int, negatives: int, query_len: int, passage_len: int, step: int = 0,
@@ -72,9 +73,15 @@ def finetune_batch(batch_size: int, negatives: int, query_len: int, passage_len:
   """Global batch `step` of the fine-tuning job's stream over SciFact train (`FinetuneStream`, seed 0), over the
   first `max_groups` groups when given."""
   from benchmarks.data import tokenizer
-  from mote_jax.data.finetune import FinetuneBatches, FinetuneStream, SamplingConfig
+  from mote_jax.data.finetune import FinetuneBatches, FinetuneStream, GroupTable, SamplingConfig
   sampling = SamplingConfig(negatives=negatives, query_max_len=query_len, passage_max_len=passage_len)
-  stream = FinetuneStream(list(_groups())[:max_groups], tokenizer(), sampling, seed=0)
+  data = _groups()
+  if max_groups is not None and max_groups < len(data):  # the first groups, as the job would hold them
+    g, keep = data.groups, range(max_groups)
+    data = dataclasses.replace(data, query_texts=data.query_texts[:max_groups], groups=GroupTable.from_lists(
+        g.query_ids[:max_groups], [g.positives_of(i) for i in keep], [g.negatives_of(i) for i in keep],
+        [g.judged_of(i) for i in keep]))
+  stream = FinetuneStream.build(data, tokenizer(), sampling, seed=0)
   return next(FinetuneBatches(stream, batch_size=batch_size, start_step=step))
 
 

@@ -294,10 +294,15 @@ def test_files_are_written_once_by_process_zero(runs):
     assert list((runs.work / "multi" / job / "tensorboard").iterdir())
   assert "multi/finetune/operative_config.gin" in writes[0]  # (the stopped pre-training never got there)
   assert any(re.match(r"multi/finetune/\.hf\.tmp-[^/]+/passage/config\.json$", w) for w in writes[0])
-  assert any(re.match(r"multi/finetune/cache/\.?bm25-scifact-train-100\.trec", w) for w in writes[0])
-  # Process 1 wrote nothing of the runs' own files but the metadata of its checkpoint shards (the shards themselves
-  # go through tensorstore, not Python)...
-  others = [w for w in writes[1] if w.startswith(("multi/pretrain/", "multi/finetune/"))]
+  # BM25 is sharded: each process wrote its own part of the run into the shared cache, and only its own.
+  part = r"multi/finetune/cache/bm25/scifact-train-[^/]+/\.?part-{:05d}-of-00002\.npz"
+  for p in (0, 1):
+    assert any(re.match(part.format(p), w) for w in writes[p]), writes[p]
+    assert not any(re.match(part.format(1 - p), w) for w in writes[p])
+  # Process 1 wrote nothing else of the runs' own files but the metadata of its checkpoint shards (the shards
+  # themselves go through tensorstore, not Python)...
+  others = [w for w in writes[1]
+            if w.startswith(("multi/pretrain/", "multi/finetune/")) and not re.match(part.format(1), w)]
   assert all(re.search(r"/checkpoints/.*/array_metadatas/process_1$", w) for w in others), others
   # ... but the audit does see its writes: its own shards of the embedding store.
   assert any(w.startswith("multi/encode/") and "00001" in w for w in writes[1])

@@ -161,8 +161,9 @@ def test_two_processes_search_and_mine_like_one(tmp_path, data_dir, minilm_path,
   mined = (multi / "negatives.jsonl").read_text()
   assert mined == (single / "negatives.jsonl").read_text()
   records = [json.loads(line) for line in mined.splitlines()]
-  assert len(records) == 20 and all(set(r) == {"query_id", "negative_ids"} and len(r["negative_ids"]) == 5
-                                    for r in records)
+  assert len(records) == 20 and all(
+      set(r) == {"query_id", "positive_document_ids", "negative_document_ids", "judged_document_ids"}
+      and len(r["negative_document_ids"]) == 5 for r in records)
   assert not [p for p in multi.rglob(".*.tmp*")]  # no temporaries left behind
 
 
