@@ -10,8 +10,8 @@ each training range, each dev evaluation, export, test evaluation; `finetune.rss
 
 Stage 1 trains with BM25 negatives; `mine_negatives` retrieves the train queries with the stage-1 model (the
 search sharded over processes by query, see `retrieval.sharded`) and writes the top-ranked unjudged passages' ids
-(ids only, one line per query, never texts: `mote_jax.data.finetune`'s ids format); stage 2 trains from the initial checkpoint again with
-BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
+(one line per query in `mote_jax.data.finetune`'s ids format, never texts); stage 2 trains from the initial
+checkpoint again with BM25 and mined negatives together (see t5x_configs/runs/msmarco_*.gin).
 
 Paths: MODEL_DIR, the BEIR data, the negatives files and the model sources may be local or on an object store
 (`gs://...`); every file goes through `etils.epath` / `tf.io.gfile`, and model sources on an object store are
