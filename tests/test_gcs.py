@@ -79,6 +79,19 @@ def test_beir_and_atomic_writes_on_gs(gcs, data_dir):
   files.write_npy("gs://bucket/out/e.npy", array)
   np.testing.assert_array_equal(files.load_npy("gs://bucket/out/e.npy"), array)
   assert not [n for n in gcs.object_names("bucket") if n.startswith("out/") and n.endswith(".tmp")]
+  # Run and mined-negatives files are streamed piece by piece (retrieval.evaluate.StreamedText); an aborted one
+  # leaves nothing behind.
+  from etils import epath
+  from mote_jax.retrieval.evaluate import StreamedText
+  streamed = StreamedText(epath.Path("gs://bucket/out/streamed.trec"), True)
+  for line in ("q1 Q0 d1 1 1.5 t\n", "q1 Q0 d2 2 0.25 t\n"):
+    streamed.write(line)
+  streamed.close()
+  assert gcs.download("gs://bucket/out/streamed.trec").decode() == "q1 Q0 d1 1 1.5 t\nq1 Q0 d2 2 0.25 t\n"
+  aborted = StreamedText(epath.Path("gs://bucket/out/aborted.trec"), True)
+  aborted.write("partial\n")
+  aborted.abort()
+  assert not [n for n in gcs.object_names("bucket") if "streamed.trec." in n or "aborted.trec" in n]
 
 
 def test_missing_gs_input_is_named_before_any_work(gcs, data_dir, monkeypatch):

@@ -20,6 +20,7 @@ max_length and shard size, so separate runs (or jobs) with the same model and co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -62,7 +63,9 @@ class StreamedText:
     if write:
       path.parent.mkdir(parents=True, exist_ok=True)
       self._tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-      self._file = self._tmp.open("w")
+      # A local path's open() is a file; a gs:// one's is a context manager around a GFile: enter either.
+      self._handle = contextlib.ExitStack()
+      self._file = self._handle.enter_context(self._tmp.open("w"))
 
   def write(self, text: str) -> None:
     if self._file is not None:
@@ -70,12 +73,12 @@ class StreamedText:
 
   def close(self) -> None:
     if self._file is not None:
-      self._file.close()
+      self._handle.close()
       self._tmp.replace(self.path)
 
   def abort(self) -> None:
     if self._file is not None:
-      self._file.close()
+      self._handle.close()
       self._tmp.unlink(missing_ok=True)
 
 
