@@ -27,7 +27,7 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mote_jax import host_malloc
+import mote_jax.host_malloc as host_malloc
 from mote_jax.kernels import KernelConfig, resolve
 from mote_jax.partitioning import Partitioner
 from mote_jax.training.checkpointing import Checkpointer
