@@ -331,16 +331,15 @@ def _rss_monitored(job):
     interval = kwargs.get("rss_interval", default_interval)
     run_dir = epath.Path(args[0] if args else kwargs["model_dir"])
     sampled = bool(interval) and jax.process_index() == 0
-    if sampled:
-      run_dir.mkdir(parents=True, exist_ok=True)
+    # Started by the job once its inputs are checked (a job that stops on a missing input writes nothing).
     monitor = RssMonitor(run_dir / "rss.jsonl" if sampled else None, interval=interval, log_records=sampled,
                          phase="prepare: model, data")
-    with monitor:
-      token = _MONITOR.set(monitor)
-      try:
-        return job(*args, **kwargs)
-      finally:
-        _MONITOR.reset(token)
+    token = _MONITOR.set(monitor)
+    try:
+      return job(*args, **kwargs)
+    finally:
+      monitor.stop()
+      _MONITOR.reset(token)
 
   return run
 
@@ -380,7 +379,10 @@ def finetune(model_dir: str, *, model: ModelSource = gin.REQUIRED, train_data: s
   check_inputs({**model.input_paths(), "finetune.train_data": _beir_files(train_data, train_split),
                 "finetune.eval_data": _beir_files(eval_data, eval_split) if eval_data else None,
                 "training_groups.negatives": _negatives_files(groups_fn)}, "finetune")
-  monitor = _MONITOR.get()  # set by _rss_monitored
+  monitor = _MONITOR.get()  # set by _rss_monitored; started here, after the inputs are checked
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+  monitor.start()
   partitioner = Partitioner.create(mesh)
   config, host_params, tokenizer_dir = model.load()
   tokenizer = _tokenizer(tokenizer_dir)
