@@ -218,14 +218,8 @@ class TorchFinetuneStep:
     self.max_grad_norm = max_grad_norm
 
   def __call__(self, batch) -> float:
-    import torch
-    loss = self.model.loss(**_tensors(batch))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-    self.optimizer.step()
-    self.scheduler.step()
-    self.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    from benchmarks.torch_cotmae import optimizer_step
+    return optimizer_step(self.model.loss(**_tensors(batch)), self)
 
 
 def _tensors(batch):

@@ -116,10 +116,15 @@ class TorchStep:
 
   def __call__(self, batch: dict[str, np.ndarray]) -> float:
     tensors = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
-    loss = self.forward(**tensors)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-    self.optimizer.step()
-    self.scheduler.step()
-    self.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(self.forward(**tensors), self)
+
+
+def optimizer_step(loss, trainer) -> float:
+  """One PyTorch training step after the forward pass: backward, clip to `trainer.max_grad_norm`, AdamW and
+  schedule steps, gradients cleared; returns the loss. Shared by the pre-training and fine-tuning references."""
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(trainer.params, trainer.max_grad_norm)
+  trainer.optimizer.step()
+  trainer.scheduler.step()
+  trainer.optimizer.zero_grad(set_to_none=True)
+  return float(loss.detach())

@@ -165,3 +165,17 @@ def test_query_sets_sharing_a_corpus_encode_it_once(tmp_path, data_dir, minilm_p
   assert written["metrics"] == reports["dl"]["metrics"]
   assert (tmp_path / "alone" / "run-test-scann.trec").read_text() == \
       (tmp_path / "job" / "eval" / "dl" / "run-test-scann.trec").read_text()
+
+
+def test_streamed_text_is_renamed_on_success_and_removed_on_error(tmp_path):
+  from etils import epath
+  from mote_jax.retrieval.evaluate import StreamedText
+  with StreamedText(epath.Path(tmp_path / "run.trec"), True) as text:
+    text.write("a\n")
+    text.write("b\n")
+  with pytest.raises(RuntimeError, match="search failed"):
+    with StreamedText(epath.Path(tmp_path / "failed.trec"), True) as text:
+      text.write("partial\n")
+      raise RuntimeError("search failed")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run.trec"]
+  assert (tmp_path / "run.trec").read_text() == "a\nb\n"

@@ -574,12 +574,8 @@ def mine_negatives(config: MoteConfig, params: PyTree, tokenizer, beir_dir: str,
     counts["written"] += len(lines)
     text.write("".join(lines))
 
-  try:
+  with text:
     found = evaluator.search(data, out_dir, consume, corpus_dir=corpus_dir)
-  except BaseException:
-    text.abort()
-    raise
-  text.close()
   if jax.process_count() > 1:  # the file is complete when any process returns
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"mine_negatives {target}")

@@ -56,7 +56,8 @@ def corpus_fingerprint(corpus: beir.Corpus) -> str:
 
 class StreamedText:
   """A text file written piece by piece to a temporary name beside `path` and renamed into place on `close`
-  (process 0 only; elsewhere a no-op). Local or gs:// through epath."""
+  (process 0 only; elsewhere a no-op). Local or gs:// through epath. As a context manager: closed when the block
+  ends normally, aborted (temporary removed) when it raises."""
 
   def __init__(self, path: epath.Path, write: bool):
     self.path, self._file = path, None
@@ -80,6 +81,16 @@ class StreamedText:
     if self._file is not None:
       self._handle.close()
       self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self) -> "StreamedText":
+    return self
+
+  def __exit__(self, exc_type, *exc) -> None:
+    """Renames the file into place when the block ends normally; removes the temporary when it raises."""
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
 
 
 def _write_json(path: epath.Path, value) -> None:
@@ -204,12 +215,8 @@ class Evaluator:
       if judged:
         per_query.update(metrics.per_query_metrics(judged, run, self.measures))
 
-    try:
+    with run_file:
       found = self.search(data, out_dir, consume, corpus_dir=corpus_dir)
-    except BaseException:
-      run_file.abort()
-      raise
-    run_file.close()
     judged = [q for q, docs in data.qrels.items() if docs]
     missing = [q for q in judged if q not in per_query]
     if missing:
