@@ -178,6 +178,44 @@ def test_gin_files_parse():
     assert set(datasets) in ({"scifact"}, {"msmarco"})
 
 
+def test_scifact_gin_gives_every_cell_its_pretraining_data(tmp_path, data_dir):
+  """The CPU gin, run as its command runs it, reaches pre-training with span-pair streams of the SciFact records
+  (made once in MODEL_DIR/records); only the Beam job and the training itself are replaced here."""
+  import gin
+  from mote_jax import jobs  # noqa: F401  (registers the configurables)
+  from mote_jax.launch import parse_flags, parse_gin
+
+  class Reached(Exception):
+    pass
+
+  made, seen = [], {}
+
+  def fake_preprocess(model_dir, *, input, output, tokenizer, max_len, overwrite):
+    made.append((input, output, max_len))
+
+  def fake_task(name, directory, *, max_len):
+    return f"{name}:{directory}:{max_len}"
+
+  def pretrain_fn(model_dir, **kwargs):
+    seen.update(kwargs, model_dir=model_dir)
+    raise Reached
+
+  gin.clear_config(clear_constants=True)
+  try:
+    parse_gin(parse_flags(["--gin_file=runs/ablation_scifact_cpu.gin", f"--gin.MODEL_DIR={tmp_path}",
+                           f"--gin.SCIFACT='{data_dir / 'scifact'}'"]))
+    with pytest.raises(Reached):
+      ablation_lib.ablation(str(tmp_path), preprocess_fn=fake_preprocess, span_task_fn=fake_task,
+                            pretrain_fn=pretrain_fn, finetune_fn=None)
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert made == [(str(data_dir / "scifact" / "corpus.jsonl"), str(tmp_path / "records"), 128)]
+  (stream,) = seen["streams"]
+  assert (stream.task, stream.batch_size) == (f"ablation_span_pairs:{tmp_path / 'records'}:128", 8)
+  assert seen["model_dir"] == str(tmp_path / "pretrain" / "mote" / "seed0")
+  assert (seen["tower_mode"], seen["data_seed"], seen["init_seed"], seen["trainer"].seed) == ("mote", 0, 0, 0)
+
+
 @pytest.mark.slow  # 4 cells of fine-tuning + evaluation: minutes on a shared 2-core machine
 def test_ablation_end_to_end_tiny(tmp_path, data_dir, random_bert_dir, minilm_path):
   from mote_jax.data.finetune import SamplingConfig

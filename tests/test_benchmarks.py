@@ -18,6 +18,7 @@ from benchmarks import gemm, gpu, pretrain, profile, report
 from benchmarks.common import REPO, clean_env
 
 
+@pytest.mark.slow  # builds and runs both MiniLM steps: ~50 s on 2 cores
 def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
   contenders = ["jax/masked", "torch/eager/full", "torch/eager/masked"]
   result = pretrain.bench_shape("tiny", batch_size=2, length=32, warmup=0, repeats=1, peak_gflops=100.0,
@@ -37,6 +38,7 @@ def test_pretrain_step_jax_and_torch_agree_on_the_loss(data_dir):
   assert "jax/masked vs torch/eager/full" in result["ratios"]
 
 
+@pytest.mark.slow  # builds and runs both fine-tuning steps: ~40 s on 2 cores
 def test_finetune_step_jax_and_torch_agree_on_the_loss(data_dir):
   """The fine-tuning section's contenders on a tiny model and a real SciFact batch (BM25 negatives, judged
   passages masked): the independent PyTorch MoTE InfoNCE (two BertModels sharing embeddings and attention) gives
@@ -74,6 +76,7 @@ def test_finetune_section_times_jax_and_torch_steps(data_dir):
   assert {"jax/default vs torch/eager", "jax/xla vs torch/eager", "jax/default vs jax/xla"} <= set(result["ratios"])
 
 
+@pytest.mark.slow  # encodes with both stacks: ~35 s on 2 cores
 def test_encode_section_matches_sentence_transformers(data_dir):
   from benchmarks import encode
   result = encode.run(quick=True, num_passages=2)
@@ -207,6 +210,7 @@ def test_gemm_and_report_render(tmp_path):
   assert "## 3. Encoding" in failed and "**Not measured: RuntimeError: out of memory**" in failed
 
 
+@pytest.mark.slow  # compiles the bf16 step on CPU: ~45 s on 2 cores
 def test_gpu_section_skips_without_a_gpu_and_runs_its_step_on_cpu(data_dir):
   skipped = gpu.run()  # the project's jaxlib is CPU-only: no "gpu" backend
   assert skipped["skipped"].startswith("no gpu device visible to JAX"), skipped

@@ -98,6 +98,7 @@ def initial(corpus_and_queries, tmp_path_factory):
   return _run(corpus_and_queries, tmp_path_factory.mktemp("init"), 0, 0.5)
 
 
+@pytest.mark.slow  # Beam-preprocessed records and a recipe-shaped run: ~60 s on 2 cores
 def test_recipe_streams_train_both_experts_and_shared_attention(corpus_and_queries, initial, tmp_path):
   trained = _run(corpus_and_queries, tmp_path, 2, 0.5)
   metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

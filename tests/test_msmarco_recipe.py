@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def _launch(*args):
   return result
 
 
+@pytest.mark.slow  # both Tevatron stages end to end: ~90 s on 2 cores
 def test_two_stage_recipe_end_to_end(tmp_path, data_dir, random_bert_dir):
   subset = data_dir / "msmarco-dl19-subset"
   common = [f"--gin.MSMARCO={subset}", f"--gin.ModelSource.checkpoint={random_bert_dir}",

@@ -122,6 +122,11 @@ class Runs:
     return self.stop_step if job == "pretrain" else mp_common.FINETUNE_STEPS
 
 
+# The two-process runs below take about 170 s on 2 cores: the tests that read them are in the slow tier
+# (tests/test_retrieval_multiprocess.py keeps a two-process encoding and evaluation in the default tier).
+uses_runs = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir, minilm_path) -> Runs:
   work = tmp_path_factory.mktemp("multiprocess")
@@ -190,11 +195,13 @@ def _max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float
   return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
+@uses_runs
 def test_runs_use_two_processes_of_four_devices(runs):
   for status in runs.status:
     assert status["devices"] == {"processes": 2, "local": 4, "global": 8}
 
 
+@uses_runs
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
 def test_no_example_is_seen_by_two_processes(runs, job):
   """Each step's global batch is process 0's rows then process 1's, exactly the batch the reference trained on,
@@ -223,6 +230,7 @@ def test_no_example_is_seen_by_two_processes(runs, job):
   assert min(map(len, examples)) >= 2 * len(steps) and examples[0].isdisjoint(examples[1])
 
 
+@uses_runs
 def test_contrastive_loss_uses_negatives_of_both_processes(runs):
   """The first step's loss (params still initial, no dropout) is InfoNCE over all 8 queries' 16 passages, not
   the mean of each process's 4 queries over its own 8 passages."""
@@ -242,6 +250,7 @@ def test_contrastive_loss_uses_negatives_of_both_processes(runs):
   assert abs(global_loss - per_process_loss) > 0.05, (global_loss, per_process_loss)
 
 
+@uses_runs
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
 def test_losses_and_params_match_one_process(runs, job):
   steps = runs.steps(job)
@@ -260,6 +269,7 @@ def test_losses_and_params_match_one_process(runs, job):
   assert _max_difference(runs.params("single", job, steps), initial) > 1e-3
 
 
+@uses_runs
 def test_checkpoints_restore_across_process_counts(runs):
   """The pre-training state (params and AdamW moments of encoder and decoder) of the 1-process run restored by
   the 2 processes, and that of the 2-process run by 1 process, each with its own mesh's shardings, by a relaunch
@@ -275,6 +285,7 @@ def test_checkpoints_restore_across_process_counts(runs):
   assert "resumed from" in runs.logs[0]
 
 
+@uses_runs
 def test_encoding_over_two_processes_matches_one(runs):
   from mote_jax.retrieval import EmbeddingStore
   single = EmbeddingStore.open(runs.work / "single" / "encode")
@@ -284,6 +295,7 @@ def test_encoding_over_two_processes_matches_one(runs):
   assert [s["encode"]["shards_encoded"] for s in runs.status] == [3, 2]  # shards 0, 2, 4 and 1, 3
 
 
+@uses_runs
 def test_files_are_written_once_by_process_zero(runs):
   writes = [status["writes"] for status in runs.status]
   for job in ("pretrain", "finetune"):
@@ -320,6 +332,7 @@ def test_files_are_written_once_by_process_zero(runs):
       np.testing.assert_array_equal(exported[name], expected[name], err_msg=f"{expert} {name}")
 
 
+@uses_runs
 def test_sigterm_on_one_process_stops_both_at_the_same_step(runs):
   assert [status["pretrain_exit"] for status in runs.status] == [143, 143]
   stops = [re.findall(r"stopped after saving a checkpoint of step (\d+)", log) for log in runs.logs]

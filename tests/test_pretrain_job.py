@@ -93,6 +93,7 @@ def test_outputs(straight_run):
   del evals
 
 
+@pytest.mark.slow  # a second pre-training run, killed and relaunched: ~90 s on 2 cores (SIGTERM's checkpoint stays in the default tier)
 def test_kill_9_then_relaunch_matches_an_uninterrupted_run(straight_run, tmp_path, data_dir):
   model_dir = tmp_path / "killed"
   process = _start(model_dir, data_dir, *STEPS)

@@ -99,6 +99,7 @@ def test_queries_are_model_generate_with_docT5query_sampling(tmp_path, tiny_t5):
   assert len({q for r in records for q in r["predicted_queries"]}) > 5  # sampled, not one greedy string
 
 
+@pytest.mark.slow  # three Beam runs, one with two worker processes: ~35 s on 2 cores
 def test_same_output_for_one_and_two_workers_and_after_an_interruption(tmp_path, tiny_t5):
   tsv = tmp_path / "collection.tsv"
   tsv.write_text("".join(f"{100 + k}\tpassage number {k} about topic {k % 3} and its findings\n" for k in range(9)))

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -132,6 +133,7 @@ def _run_workers(tmp_path: Path, devices: int, mode: str) -> list[str]:
   return outputs
 
 
+@pytest.mark.slow  # two JAX processes plus a one-process reference: ~30 s on 2 cores (test_two_processes_match_one stays in the default tier)
 def test_two_processes_search_and_mine_like_one(tmp_path, data_dir, minilm_path, tokenizer):
   _small_beir(data_dir, tmp_path / "beir")
   single, multi = tmp_path / "single", tmp_path / "multi"

@@ -36,10 +36,14 @@ import gin
 import jax
 import numpy as np
 
+from mote_jax import hf_interop
 from mote_jax.analysis import plots, significance
 from mote_jax.analysis.embedding_space import analyse
+from mote_jax.data.online import register_records_task
 from mote_jax.jobs import finetune as finetune_lib
+from mote_jax.jobs import preprocess as preprocess_lib
 from mote_jax.jobs import pretrain as pretrain_lib
+from mote_jax.jobs import quickstart as quickstart_lib
 from mote_jax.retrieval import beir, encode, files, metrics, search
 from mote_jax.retrieval.evaluate import evaluate
 from mote_jax.retrieval.store import EmbeddingStore
@@ -140,6 +144,8 @@ def ablation(model_dir: str, *, datasets: Mapping[str, Mapping[str, Any]] = gin.
              scann_config: search.ScannConfig = search.ScannConfig(),
              pretrain_trainer: TrainerConfig | None = None, finetune_trainer: TrainerConfig | None = None,
              n_resamples: int = 10_000, alpha: float = 0.05, analysis_max_passages: int = 200_000,
+             pretrain_corpus: str | None = None, pretrain_batch_size: int = 8, pretrain_max_len: int = 128,
+             span_task_fn=register_records_task, preprocess_fn=preprocess_lib.preprocess,
              pretrain_fn=pretrain_lib.pretrain, finetune_fn=finetune_lib.finetune) -> dict:
   """Runs every missing cell, then writes the report; returns its JSON content.
 
@@ -148,6 +154,12 @@ def ablation(model_dir: str, *, datasets: Mapping[str, Mapping[str, Any]] = gin.
   fine-tuning data (`datasets`) and turns finetune's own evaluation and mining off (it evaluates every target
   itself). `pretrain_trainer` / `finetune_trainer`, when given, are the stages' TrainerConfigs with their dropout
   seed replaced by the cell's.
+
+  Pre-training data: with `pretrain_corpus` (a BEIR directory or its corpus.jsonl, as in the SciFact gin) the corpus is made into
+  document records once, in MODEL_DIR/records (the Beam job, reused on a re-run; see
+  `quickstart.corpus_records`), and every cell pre-trains on `span_task_fn`'s span pairs of them,
+  `pretrain_batch_size` rows a step, as the quickstart does. Without it, `pretrain` takes its streams from gin
+  (`pretrain.streams`, as runs/ablation_msmarco.gin binds the paper's recipe).
   """
   start = time.perf_counter()
   root = Path(model_dir)
@@ -157,6 +169,17 @@ def ablation(model_dir: str, *, datasets: Mapping[str, Mapping[str, Any]] = gin.
     raise ValueError(f"ablation.baseline={baseline!r} is not among ablation.modes={list(modes)}")
   if measure not in measures:
     measures = (measure, *measures)
+  stream_kwargs = {}
+  if pretrain and pretrain_corpus is not None:
+    corpus = Path(pretrain_corpus) / "corpus.jsonl" if Path(pretrain_corpus).is_dir() else Path(pretrain_corpus)
+    if not corpus.is_file():
+      raise FileNotFoundError(f"ablation.pretrain_corpus={pretrain_corpus!r}: {corpus} is not a file (give a "
+                              "BEIR directory or its corpus.jsonl)")
+    records_dir = quickstart_lib.corpus_records(root / "records", str(corpus),
+                                                tokenizer=str(hf_interop.resolve_checkpoint(checkpoint)),
+                                                max_len=pretrain_max_len, preprocess_fn=preprocess_fn)
+    task = span_task_fn("ablation_span_pairs", str(records_dir), max_len=pretrain_max_len)
+    stream_kwargs["streams"] = [pretrain_lib.PretrainStream(task, pretrain_batch_size)]
   cells: dict[tuple[str, str, int], dict] = {}
   for mode in modes:
     for seed in seeds:
@@ -167,7 +190,7 @@ def ablation(model_dir: str, *, datasets: Mapping[str, Mapping[str, Any]] = gin.
         if not (pre_dir / "hf" / "mote_config.json").exists():
           kwargs = {"trainer": dataclasses.replace(pretrain_trainer, seed=seed)} if pretrain_trainer else {}
           pretrain_fn(str(pre_dir), init_checkpoint=checkpoint, tower_mode=mode, data_seed=seed, init_seed=seed,
-                      **kwargs)
+                      **stream_kwargs, **kwargs)
         source = finetune_lib.ModelSource(towers=str(pre_dir / "hf"))
       for ds in parsed:
         cell_dir = root / ds.name / mode / f"seed{seed}"
