@@ -246,9 +246,9 @@ def bench_shape(shape_name: str, *, warmup: int, repeats: int, peak_gflops: floa
   directory = checkpoint_dir(shape_name)
   batch = finetune_batch(**dims, max_groups=MAX_GROUPS.get(shape_name))
   sets = {"default": None, "xla": kernel_lib.XLA, "cpu": kernel_lib.CPU}
-  fns, info, losses = {}, {}, {}
+  fns, info, losses, steps = {}, {}, {}, {}
   for name in kernel_sets:
-    step = JaxFinetuneStep(directory, dims, tower_mode=tower_mode, kernels=sets[name])
+    step = steps[name] = JaxFinetuneStep(directory, dims, tower_mode=tower_mode, kernels=sets[name])
     flops = step.flops
     losses[f"jax/{name}"] = step.eval_loss(batch)
     info[f"jax/{name}"] = {"kernels": vars(step.kernels)}
@@ -264,6 +264,11 @@ def bench_shape(shape_name: str, *, warmup: int, repeats: int, peak_gflops: floa
     fn()  # first call: compile (jax) + one step
     info[name]["first_step_s"] = round(time.perf_counter() - start, 2)
     log(f"[bench] finetune {shape_name} {name}: first step {info[name]['first_step_s']}s")
+  for name in kernel_sets:  # the compiled step's own buffers (XLA's buffer assignment), what a host or HBM must hold
+    memory = steps[name].compiled.memory_analysis()
+    if memory is not None:
+      info[f"jax/{name}"]["step_temp_gb"] = memory.temp_size_in_bytes / 1e9
+      info[f"jax/{name}"]["step_argument_gb"] = memory.argument_size_in_bytes / 1e9
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats, log=log)
   rows = {}
   for name, t in timings.items():
@@ -274,7 +279,7 @@ def bench_shape(shape_name: str, *, warmup: int, repeats: int, peak_gflops: floa
             if name.startswith("jax/")}
   if "jax/default" in rows and "jax/xla" in rows:
     ratios["jax/default vs jax/xla"] = ratio_of_medians(rows["jax/default"], rows["jax/xla"])
-  del fns
+  del fns, steps
   gc.collect()
   return {**dims, "tower_mode": tower_mode, "pooling": config.pooling, "normalize": config.normalize,
           "temperature": temperature_for(config), "rows": rows, "ratios": ratios, "eval_losses": losses,

@@ -99,9 +99,10 @@ def finetune_lines(p: dict) -> list[str]:
               f"{s['warmup']} warm-up + {s['repeats']} timed steps each, round-robin)", ""]
     rows = [[name, _f(1000 * r["median_s"], 0), _spread(r), _f(r["queries_per_s"], 2),
              _f(r["flops_per_step"] / 1e9, 1), _f(r["model_gflops_per_s"], 1), _f(100 * r["mfu"], 1, "%"),
-             _f(r["first_step_s"], 1)] for name, r in s["rows"].items()]
+             _f(r["first_step_s"], 1), _f(r.get("step_temp_gb"), 2)]
+            for name, r in s["rows"].items()]
     lines += _table(["contender", "median ms/step", "min-max s", "queries/s", "model GFLOP/step", "model GFLOP/s",
-                     "MFU", "first step s (compile)"], rows)
+                     "MFU", "first step s (compile)", "step temporaries GB (XLA)"], rows)
     lines += _table(["ratio (median times; > 1: the first is faster)", "value"],
                     [[k, _f(v, 2, "x")] for k, v in s["ratios"].items()])
     diffs = ", ".join(f"{k} {_f(v, 7)}" for k, v in s["loss_abs_diff_vs_torch"].items())
