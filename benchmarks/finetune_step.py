@@ -268,7 +268,6 @@ def bench_shape(shape_name: str, *, warmup: int, repeats: int, peak_gflops: floa
     memory = steps[name].compiled.memory_analysis()
     if memory is not None:
       info[f"jax/{name}"]["step_temp_gb"] = memory.temp_size_in_bytes / 1e9
-      info[f"jax/{name}"]["step_argument_gb"] = memory.argument_size_in_bytes / 1e9
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats, log=log)
   rows = {}
   for name, t in timings.items():

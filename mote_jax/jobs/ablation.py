@@ -155,8 +155,8 @@ def ablation(model_dir: str, *, datasets: Mapping[str, Mapping[str, Any]] = gin.
   itself). `pretrain_trainer` / `finetune_trainer`, when given, are the stages' TrainerConfigs with their dropout
   seed replaced by the cell's.
 
-  Pre-training data: with `pretrain_corpus` (a BEIR directory or its corpus.jsonl, as in the SciFact gin) the corpus is made into
-  document records once, in MODEL_DIR/records (the Beam job, reused on a re-run; see
+  Pre-training data: with `pretrain_corpus` (a BEIR directory or its corpus.jsonl, as in the SciFact gin) the
+  corpus is made into document records once, in MODEL_DIR/records (the Beam job, reused on a re-run; see
   `quickstart.corpus_records`), and every cell pre-trains on `span_task_fn`'s span pairs of them,
   `pretrain_batch_size` rows a step, as the quickstart does. Without it, `pretrain` takes its streams from gin
   (`pretrain.streams`, as runs/ablation_msmarco.gin binds the paper's recipe).

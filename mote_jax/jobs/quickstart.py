@@ -133,9 +133,9 @@ def corpus_records(output: Path, corpus: str, *, tokenizer: str, max_len: int,
   if stats_path.exists():
     settings = json.loads(stats_path.read_text())["settings"]
     if all(settings.get(k) == v for k, v in wanted.items()):
-      log.info("quickstart: reusing the records in %s", output)
+      log.info("reusing the records in %s", output)
       return output
-    log.info("quickstart: the records in %s were made with %s, not %s; preprocessing again", output,
+    log.info("the records in %s were made with %s, not %s; preprocessing again", output,
              {k: settings.get(k) for k in wanted}, wanted)
   preprocess_fn(str(output), input=corpus, output=str(output), tokenizer=tokenizer, max_len=max_len,
                 overwrite=True)
