@@ -45,7 +45,17 @@ def main(argv=None) -> int:
                       "alternating with this tree's runs, and compare their figures")
   parser.add_argument("--baseline_rounds", type=int, default=2, help="runs of each tree per section with "
                       "--baseline_rev")
+  parser.add_argument("--options", default="{}", help="JSON {section: {keyword: value}} passed to those sections' "
+                      "run() (both trees' with --baseline_rev), e.g. '{\"pretrain\": {\"shapes\": [\"minilm\"]}}'")
   args = parser.parse_args(argv)
+  try:
+    args.options = json.loads(args.options)
+    if not isinstance(args.options, dict) or not all(isinstance(v, dict) for v in args.options.values()):
+      raise ValueError("expected a JSON object of objects")
+  except ValueError as e:
+    parser.error(f"--options {args.options!r}: {e}")
+  if set(args.options) - set(SECTIONS):
+    parser.error(f"--options: unknown sections {sorted(set(args.options) - set(SECTIONS))}")
 
   chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
   unknown = [s for s in chosen + [s for s in args.skip.split(",") if s] if s not in SECTIONS]
@@ -74,7 +84,7 @@ def main(argv=None) -> int:
                      f"for < {args.max_load}")
       started = time.time()
       result = run_module(f"benchmarks.{name}", Path(tmp) / f"{name}.json", quick=args.quick,
-                          timeout=args.section_timeout)
+                          options=args.options.get(name), timeout=args.section_timeout)
       result["measured_at"] = datetime.datetime.now().isoformat(timespec="minutes")
       result["load1_at_start"] = waited["load1"]
       results[name] = result
@@ -98,6 +108,9 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
                 datetime.datetime.now().isoformat(timespec="minutes")}
   with baseline_lib.checkout(args.baseline_rev) as (tree, sha), tempfile.TemporaryDirectory() as tmp:
     comparison["sha"] = sha
+    stored = results.get("baseline", {})
+    if stored.get("sha") == sha:  # an earlier --only run against the same revision: keep its other sections
+      comparison["sections"] = {k: v for k, v in stored.get("sections", {}).items() if k not in chosen}
     for name in chosen:
       runs = {"ours": [], "baseline": []}
       for r in range(args.baseline_rounds):
@@ -108,17 +121,20 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
           else:
             # Both trees read this tree's data directory (the baseline's default would be relative to it).
             result = run_module(f"benchmarks.{name}", Path(tmp) / f"{name}-{who}-{r}.json", quick=args.quick,
-                                timeout=args.section_timeout, repo=repo, env={"MOTE_DATA_DIR": str(DATA_DIR)})
+                                options=args.options.get(name), timeout=args.section_timeout, repo=repo,
+                                env={"MOTE_DATA_DIR": str(DATA_DIR)})
           result["load1_at_start"] = waited["load1"]
           runs[who].append(result)
           print(f"[bench] {name} round {r + 1} {who}: {'error' if 'error' in result else 'ok'}", flush=True)
       results[name] = dict(runs["ours"][-1], measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
       comparison["sections"][name] = baseline_lib.compare(runs["ours"], runs["baseline"], name)
-      comparison["sections"][name]["raw"] = runs
+      comparison["sections"][name].update(raw=runs, options=args.options.get(name, {}),
+                                          measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
   results["baseline"] = comparison
   store.parent.mkdir(parents=True, exist_ok=True)
   store.write_text(json.dumps(results, indent=1, default=float))
-  out.write_text(report.render(results, command + f" --only {','.join(chosen)} --baseline_rev {args.baseline_rev}"))
+  out.write_text(report.render(results, command + f" --only {','.join(comparison['sections'])} "
+                                         f"--baseline_rev {args.baseline_rev}"))
   for name, c in comparison["sections"].items():
     for figure, f in c["figures"].items():
       print(f"[bench] {name}: {figure}: baseline {f['baseline_median']:.4g}, ours {f['ours_median']:.4g}, "

@@ -12,6 +12,7 @@ more than 5% against the baseline shows `change` < 0.95).
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import subprocess
 import tempfile
@@ -90,13 +91,14 @@ def compare(ours: list[dict], baseline: list[dict], section: str) -> dict:
 
 def lines(b: dict, fmt) -> list[str]:
   """RESULTS.md lines of a comparison (`results['baseline']`)."""
-  rounds = max((c["rounds"] for c in b["sections"].values()), default=0)
-  out = [f"Each section below ran {rounds} times from this tree and from `{b['rev']}` ({b['sha'][:12]}) "
-         f"alternately, every run in its own process on this machine (`python -m benchmarks --only "
-         f"{','.join(b['sections'])} --baseline_rev {b['rev']}`). Change: > 1 means this tree is better; a figure "
-         f"falling by more than 5% shows < 0.95.", ""]
+  out = [f"Each section below ran from this tree and from `{b['rev']}` ({b['sha'][:12]}) alternately, every run in "
+         f"its own process on this machine (`python -m benchmarks --only SECTION --baseline_rev {b['rev']} "
+         f"--baseline_rounds N [--options ...]`; N and the options per section below). Change: > 1 means this tree "
+         f"is better; a figure falling by more than 5% shows < 0.95.", ""]
   for section, c in b["sections"].items():
-    out += [f"### {section}", ""]
+    options = f", options `{json.dumps(c['options'])}`" if c.get("options") else ""
+    out += [f"### {section}", "", f"{c['rounds']} rounds of each tree{options}"
+            + (f", measured {c['measured_at']}" if c.get("measured_at") else "") + ".", ""]
     if c["errors"]:
       out += [f"- {k}: {v}" for k, v in c["errors"].items()] + [""]
     rows = [[name, fmt(f["baseline_median"], 4), fmt(f["ours_median"], 4), "higher" if f["higher_is_better"]

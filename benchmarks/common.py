@@ -128,6 +128,21 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int, re
   return out
 
 
+def paired_speedup(base: dict, other: dict) -> dict:
+  """How many times faster `base` is than `other`, from round-robin timings (`time_interleaved` summaries): the
+  median over rounds of other_r / base_r (each round's two runs saw the same machine load, so the per-round ratio
+  cancels the drift that a ratio of medians keeps), with scipy's bootstrap 95% interval of that median."""
+  import numpy as np
+  from scipy import stats
+  ratios = np.asarray(other["times_s"]) / np.asarray(base["times_s"])
+  out = {"median": float(np.median(ratios)), "rounds": int(ratios.size)}
+  if ratios.size >= 3 and np.ptp(ratios) > 0:
+    ci = stats.bootstrap((ratios,), np.median, n_resamples=5000, confidence_level=0.95, method="percentile",
+                         rng=np.random.default_rng(0)).confidence_interval
+    out["ci95"] = [float(ci.low), float(ci.high)]
+  return out
+
+
 def ratio_of_medians(a: dict, b: dict) -> float:
   """How many times faster a is than b (b's median time / a's median time)."""
   return b["median_s"] / a["median_s"]

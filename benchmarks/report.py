@@ -197,10 +197,12 @@ def scaling_lines(s: dict) -> list[str]:
 
 def variants_lines(v: dict) -> list[str]:
   lines = []
-  rows = [[name, _f(r["median_s"], 3), _spread(r), _f(r["speedup_vs_baseline"], 3, "x"), _f(r["compile_s"], 1),
-           _f(r["first_loss"], 4)] for name, r in v["rows"].items()]
-  lines += _table(["variant (MiniLM step)", "median s/step", "min-max s", "speed vs baseline", "compile s",
-                   "first-step loss"], rows)
+  paired = any("paired_speedup_vs_baseline" in r for r in v["rows"].values())
+  rows = [[name, _f(r["median_s"], 3), _spread(r), _f(r["speedup_vs_baseline"], 3, "x")]
+          + ([_paired(r.get("paired_speedup_vs_baseline")) if name != "baseline" else "-"] if paired else [])
+          + [_f(r["compile_s"], 1), _f(r["first_loss"], 4)] for name, r in v["rows"].items()]
+  lines += _table(["variant (MiniLM step)", "median s/step", "min-max s", "speed vs baseline (medians)"]
+                  + (["speed vs baseline (paired) [95%]"] if paired else []) + ["compile s", "first-step loss"], rows)
   if "dpa_vs_einsum_same_dropout" in v:
     lines += [f"`jax.nn.dot_product_attention` vs the einsum attention at the same (zero) attention dropout: "
               f"{_f(v['dpa_vs_einsum_same_dropout'], 3)}x.", ""]
@@ -217,14 +219,39 @@ def variants_lines(v: dict) -> list[str]:
 
 
 def kernel_ab_lines(k: dict) -> list[str]:
-  lines = [f"Platform {k.get('platform')}; baseline: the CPU kernel set {k['baseline_kernels']}; shape {k['shape']}, "
-           f"batch {k['batch_size']} x {k['length']}.", ""]
-  lines += variants_lines(k)
-  rows = [[name, v["cpu_set"], v["plain_xla"], v["alternative"], _f(v["cpu_choice_speed_over_alternative"], 3, "x"),
-           v["rule"], {True: "yes", False: "**no**", None: "-"}[v["consistent"]]] for name, v in k["verdicts"].items()]
-  lines += _table(["operation", "CPU set", "plain XLA", "alternative timed", "CPU choice / alternative speed",
-                   "rule (>= 2%)", "CPU set consistent"], rows)
+  lines = [f"Platform {k.get('platform')}; baseline: the CPU kernel set {k['baseline_kernels']}."
+           " Speed vs baseline: the median over rounds of the per-round ratio, with its bootstrap 95% interval.", ""]
+  if k.get("rows"):
+    lines += [f"Pre-training step: shape {k['shape']}, batch {k['batch_size']} x {k['length']}, "
+              f"{k['rows']['baseline']['runs']} rounds.", ""]
+    lines += variants_lines(k)
+  f = k.get("finetune")
+  if f:
+    lines += [f"Fine-tuning step: {f['batch_size']} queries x {f['query_len']} tokens, 1 + {f['negatives']} "
+              f"passages each x {f['passage_len']} tokens; each alternative in its own pair with the baseline, "
+              f"{f['repeats']} rounds.", ""]
+    rows = [[name, _f(r["baseline"]["median_s"], 3), _f(r["median_s"], 3), _spread(r),
+             _paired(r["paired_speedup_vs_baseline"])] for name, r in f["rows"].items()]
+    lines += _table(["variant (fine-tuning step)", "baseline median s/step", "variant median s/step",
+                     "variant min-max s", "variant speed vs baseline (paired)"], rows)
+  rows = []
+  for name, v in k["verdicts"].items():
+    steps = "; ".join(f"{step} {_f(s['gain'], 3, 'x')}" + (f" [{_f(s['ci95'][0], 3)}, {_f(s['ci95'][1], 3)}]"
+                                                           if s.get("ci95") else "")
+                      for step, s in v.get("per_step", {}).items())
+    rows.append([name, v["cpu_set"], v["plain_xla"], v["alternative"], steps,
+                 _f(v["cpu_choice_speed_over_alternative"], 3, "x"), v["rule"],
+                 {True: "yes", False: "**no**", None: "-"}[v["consistent"]]])
+  lines += _table(["operation", "CPU set", "plain XLA", "alternative timed",
+                   "CPU choice / alternative speed per step [95%]", "geometric mean", "rule (>= 2%)",
+                   "CPU set consistent"], rows)
   return lines
+
+
+def _paired(p: dict | None) -> str:
+  if not p:
+    return "-"
+  return _f(p["median"], 3, "x") + (f" [{_f(p['ci95'][0], 3)}, {_f(p['ci95'][1], 3)}]" if p.get("ci95") else "")
 
 
 def flags_lines(f: dict) -> list[str]:

@@ -30,7 +30,7 @@ import time
 
 import jax
 
-from benchmarks.common import load1, section_main, summary, time_interleaved
+from benchmarks.common import load1, paired_speedup, section_main, summary, time_interleaved
 
 ALL = ("kernels-xla", "dense", "dropout", "clip", "dynamic-expert-freeze", "no-attention-dropout",
        "attention-dot_product", "no-dropout", "bf16", "remat", "scan")
@@ -62,12 +62,14 @@ def variant_options(name: str, baseline) -> tuple[str, dict]:
   return name, {"kernels": baseline, "model_overrides": overrides[name]}
 
 
-def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool = True) -> dict:
+def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool = True,
+        repeats: int | None = None) -> dict:
+  """`repeats`: timed rounds (default 2 with `quick`, else 5)."""
   from benchmarks import data, jax_step
 
   shape = shape or ("tiny" if quick else "minilm")
   batch_size, length = (2, 32) if quick else (8, 128)
-  warmup, repeats = (1, 2) if quick else (1, 5)
+  warmup, repeats = 1, repeats or (2 if quick else 5)
   variants = list(variants or ALL)
   built = jax_step.build_shape(shape)
   decoder = jax_step.decoder_params(built)
@@ -88,7 +90,8 @@ def run(quick: bool = False, variants=None, shape: str | None = None, loop: bool
   timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
   base = timings["baseline"]["median_s"]
   for name, t in timings.items():
-    result["rows"][name] = dict(t, **info[name], speedup_vs_baseline=base / t["median_s"])
+    result["rows"][name] = dict(t, **info[name], speedup_vs_baseline=base / t["median_s"],
+                                paired_speedup_vs_baseline=paired_speedup(t, timings["baseline"]))
   if "attention-dot_product" in timings and "no-attention-dropout" in timings:
     result["dpa_vs_einsum_same_dropout"] = (timings["no-attention-dropout"]["median_s"]
                                             / timings["attention-dot_product"]["median_s"])

@@ -277,24 +277,65 @@ def test_loop_section_rows_render():
   text = report.render({"loop": section}, "python -m benchmarks")
   assert "| quickstart pre-training loop steps/s / its step's steps/s | >= 0.90 | 0.950 | yes |" in text
   assert "| the records input alone, no model (batches/s) | 400.0 |" in text
-def test_kernel_ab_verdicts_follow_the_two_percent_rule():
-  """The CPU set's dense / dropout choices differ from plain XLA and must be >= 2% faster than it; its clip is
-  XLA's, so the alternative must not be >= 2% faster. speedup_vs_baseline is the alternative's speed over the CPU
-  set's."""
+def _paired_row(speedup):
+  """A variant row whose paired speed over the baseline is `speedup` in every round."""
+  return {"paired_speedup_vs_baseline": {"median": speedup, "rounds": 5}}
+
+
+def test_kernel_ab_verdicts_follow_the_two_percent_rule_on_the_steps_geometric_mean():
+  """The CPU set's dropout choice differs from plain XLA and must be >= 2% faster than it (geometric mean over the
+  pre-training and fine-tuning steps); its dense products and clip are XLA's, so the alternatives must not be >= 2%
+  faster. paired_speedup_vs_baseline is the alternative's speed over the CPU set's."""
   from benchmarks import kernel_ab
   from mote_jax import kernels
-  assert kernels.CPU.dense != kernels.XLA.dense and kernels.CPU.grad_clip == kernels.XLA.grad_clip
+  assert kernels.CPU.dropout != kernels.XLA.dropout
+  assert kernels.CPU.dense == kernels.XLA.dense and kernels.CPU.grad_clip == kernels.XLA.grad_clip
 
-  def result(dense, dropout, clip):
-    return {"rows": {"baseline": {"speedup_vs_baseline": 1.0}, "kernels-xla": {"speedup_vs_baseline": 0.8},
-                     "dense-xla": {"speedup_vs_baseline": dense}, "dropout-jax_random": {"speedup_vs_baseline": dropout},
-                     "clip-scalar": {"speedup_vs_baseline": clip}}}
-  v = kernel_ab.verdicts(result(dense=0.78, dropout=0.99, clip=1.03))
-  assert v["dense"]["consistent"] and v["dense"]["cpu_choice_speed_over_alternative"] == pytest.approx(1 / 0.78)
-  assert not v["dropout"]["consistent"]  # hashed only 1% faster than jax.random: should leave the CPU set
+  def result(dense, dropout, clip, whole=0.8):
+    return {"rows": {"kernels-xla": _paired_row(whole), "dense-cpu_gemm": _paired_row(dense),
+                     "dropout-jax_random": _paired_row(dropout), "clip-scalar": _paired_row(clip)}}
+  v = kernel_ab.verdicts({"pretrain": result(dense=1.01, dropout=0.78, clip=1.03)})
+  assert v["dropout"]["consistent"] and v["dropout"]["cpu_choice_speed_over_alternative"] == pytest.approx(1 / 0.78)
+  assert v["dense"]["consistent"] and v["dense"]["alternative"] == "cpu_gemm"  # 1% faster: not worth adding
   assert not v["clip"]["consistent"]  # scalar 3% faster than optax: would belong in the CPU set
   assert v["whole set"]["cpu_choice_speed_over_alternative"] == pytest.approx(1.25)
-  assert kernel_ab.verdicts(result(dense=0.9, dropout=0.95, clip=1.0))["clip"]["consistent"]
+  assert v["whole set"]["consistent"] is None
+  assert not kernel_ab.verdicts({"pretrain": result(dense=1.0, dropout=0.99, clip=1.0)})["dropout"]["consistent"]
+  # Two steps: hashed 1% faster on one and 5% on the other is kept (geometric mean 1.030); 1% slower on one and 4%
+  # faster on the other is not (1.015).
+  v = kernel_ab.verdicts({"pretrain": result(dense=1.0, dropout=1 / 1.01, clip=1.0),
+                          "finetune": result(dense=1.0, dropout=1 / 1.05, clip=1.0)})
+  assert v["dropout"]["consistent"] and v["dropout"]["cpu_choice_speed_over_alternative"] == pytest.approx(
+      (1.01 * 1.05) ** 0.5)
+  assert set(v["dropout"]["per_step"]) == {"pretrain", "finetune"}
+  v = kernel_ab.verdicts({"pretrain": result(dense=1.0, dropout=1.01, clip=1.0),
+                          "finetune": result(dense=1.0, dropout=1 / 1.04, clip=1.0)})
+  assert not v["dropout"]["consistent"]
+  # cpu_gemm 3% faster on both steps would belong in the CPU set.
+  assert not kernel_ab.verdicts({"pretrain": result(dense=1.03, dropout=0.9, clip=1.0),
+                                 "finetune": result(dense=1.03, dropout=0.9, clip=1.0)})["dense"]["consistent"]
+
+
+def test_paired_speedup_is_the_median_per_round_ratio_with_a_bootstrap_interval():
+  """The median of the per-round ratios (other / base), and scipy's percentile bootstrap of it."""
+  import numpy as np
+  from scipy import stats
+
+  from benchmarks.common import paired_speedup, summary
+  # A load spike in rounds 3-4 slows both runs of those rounds; the base run of round 5 alone is slow.
+  base = summary([1.0, 1.0, 2.0, 2.0, 3.0])
+  other = summary([1.1, 1.1, 2.2, 2.2, 1.1])
+  p = paired_speedup(base, other)
+  assert p["median"] == pytest.approx(1.1) and p["rounds"] == 5 and "ci95" in p
+  rng = np.random.default_rng(3)
+  base = summary(list(rng.uniform(1.0, 2.0, 9)))
+  other = summary([t * r for t, r in zip(base["times_s"], rng.uniform(1.0, 1.2, 9))])
+  p = paired_speedup(base, other)
+  ratios = np.asarray(other["times_s"]) / np.asarray(base["times_s"])
+  assert p["median"] == pytest.approx(float(np.median(ratios)))
+  ci = stats.bootstrap((ratios,), np.median, n_resamples=5000, method="percentile",
+                       rng=np.random.default_rng(0)).confidence_interval
+  assert p["ci95"] == pytest.approx([ci.low, ci.high]) and ci.low <= p["median"] <= ci.high
 
 
 def test_baseline_comparison_flags_a_figure_that_falls_by_more_than_five_percent():
@@ -319,6 +360,46 @@ def test_baseline_comparison_flags_a_figure_that_falls_by_more_than_five_percent
   assert "| minilm: jax/masked MFU |" in text and "**no**" in text
 
 
+def test_baseline_run_passes_options_to_both_trees_and_keeps_other_sections(tmp_path, monkeypatch):
+  """`--options` reaches both trees' sections; a later `--only` run against the same revision adds its section to
+  the stored comparison instead of replacing it; a bad `--options` is refused with the flag named."""
+  import contextlib
+
+  from benchmarks import __main__ as bench_main
+  from benchmarks import baseline as baseline_lib
+  tree = tmp_path / "tree"
+  (tree / "benchmarks").mkdir(parents=True)
+  for name in ("pretrain", "mote"):
+    (tree / "benchmarks" / f"{name}.py").write_text("")
+  calls = []
+
+  def fake_run_module(module, out_json, *, quick, options=None, timeout=None, repo=None, env=None, **_):
+    calls.append((module, repo, options))
+    if module == "benchmarks.mote":
+      return {"mote_over_siamese": 1.0 if repo == tree else 0.98}
+    return {"shapes": {"minilm": {"ratios": {"jax/masked vs torch/eager/full": 2.0},
+                                  "rows": {"jax/masked": {"mfu": 0.6, "median_s": 1.0}}}}}
+
+  monkeypatch.setattr(bench_main, "run_module", fake_run_module)
+  monkeypatch.setattr(bench_main, "wait_for_quiet", lambda *a, **k: {"quiet": True, "load1": 0.1, "waited_s": 0})
+  monkeypatch.setattr(baseline_lib, "checkout", lambda rev: contextlib.nullcontext((tree, "f" * 40)))
+  # Only the comparison is rendered: the fake section results lack what their own tables need.
+  monkeypatch.setattr(bench_main.report, "render",
+                      lambda results, command: "\n".join(baseline_lib.lines(results["baseline"], report._f)))
+  out = tmp_path / "RESULTS.md"
+  assert bench_main.main(["--only", "pretrain", "--baseline_rev", "abc", "--baseline_rounds", "2", "--out", str(out),
+                          "--options", '{"pretrain": {"shapes": ["minilm"]}}']) == 0
+  assert [(c[1] == tree, c[2]) for c in calls] == [(False, {"shapes": ["minilm"]}), (True, {"shapes": ["minilm"]})] * 2
+  assert bench_main.main(["--only", "mote", "--baseline_rev", "abc", "--baseline_rounds", "1", "--out", str(out)]) == 0
+  stored = json.loads(out.with_name("results.json").read_text())["baseline"]
+  assert list(stored["sections"]) == ["pretrain", "mote"]
+  assert stored["sections"]["pretrain"]["rounds"] == 2 and stored["sections"]["mote"]["rounds"] == 1
+  text = out.read_text()
+  assert '2 rounds of each tree, options `{"shapes": ["minilm"]}`' in text and "1 rounds of each tree" in text
+  with pytest.raises(SystemExit):
+    bench_main.main(["--only", "mote", "--options", '{"motte": {}}', "--out", str(out)])
+
+
 def test_finetune_and_kernel_ab_sections_render_with_target_rows():
   from benchmarks import kernel_ab
   timing = {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "runs": 3}
@@ -332,13 +413,21 @@ def test_finetune_and_kernel_ab_sections_render_with_target_rows():
                                      "ratios": {"jax/default vs torch/eager": 3.0},
                                      "eval_losses": {"jax/default": 1.0, "torch/eager": 1.0},
                                      "loss_abs_diff_vs_torch": {"jax/default": 1e-6}}}}
-  variants = {"shape": "minilm", "batch_size": 8, "length": 128, "baseline_kernels": {"dense": "cpu_gemm"},
-              "rows": {name: dict(timing, compile_s=1.0, first_loss=2.0, speedup_vs_baseline=s)
-                       for name, s in (("baseline", 1.0), ("kernels-xla", 0.75), ("dense-xla", 0.8),
-                                       ("dropout-jax_random", 0.96), ("clip-scalar", 1.0))}}
-  variants["verdicts"] = kernel_ab.verdicts(variants)
+  variants = {"shape": "minilm", "batch_size": 8, "length": 128, "baseline_kernels": {"dense": "xla"},
+              "rows": {name: dict(timing, compile_s=1.0, first_loss=2.0, speedup_vs_baseline=s,
+                                  **(_paired_row(s) if name != "baseline" else {}))
+                       for name, s in (("baseline", 1.0), ("kernels-xla", 0.75), ("dense-cpu_gemm", 0.99),
+                                       ("dropout-jax_random", 0.8), ("clip-scalar", 1.0))}}
+  variants["finetune"] = {"batch_size": 16, "query_len": 64, "negatives": 1, "passage_len": 256, "repeats": 3,
+                          "rows": {"dropout-jax_random": dict(timing, baseline=timing, first_loss=2.0, speedup_vs_baseline=0.9,
+                                                     paired_speedup_vs_baseline={"median": 0.9, "rounds": 3,
+                                                                                 "ci95": [0.85, 0.95]})}}
+  variants["verdicts"] = kernel_ab.verdicts({"pretrain": variants, "finetune": variants["finetune"]})
   text = report.render({"finetune_step": finetune, "kernel_ab": variants}, "python -m benchmarks")
   assert "## 1b. Contrastive fine-tuning step" in text and "## 7d. CPU kernel set against plain XLA" in text
   assert "| fine-tuning scifact: jax/default vs torch/eager | >= 2.0x | 3.00x | yes |" in text
-  assert "CPU kernel set, dense: cpu_gemm kept only if >= 1.02x faster than xla" in text
+  assert "CPU kernel set, dropout: hashed kept only if >= 1.02x faster than jax_random" in text
+  assert "CPU kernel set, dense: cpu_gemm would be added only if >= 1.02x faster than xla" in text
+  assert "| dropout-jax_random | 0.500 | 0.500 | 0.400-0.600 | 0.900x [0.850, 0.950] |" in text  # fine-tuning pair
+  assert "pretrain 1.250x; finetune 1.111x [1.053, 1.176] | 1.179x |" in text  # per step, then geometric mean
   assert "depend on the machine" in text.split("## ")[0]  # the header says the PyTorch ratio is machine-bound
