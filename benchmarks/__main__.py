@@ -101,6 +101,12 @@ def main(argv=None) -> int:
   return 1 if any("error" in results.get(name, {}) for name in chosen) else 0
 
 
+def _comparison_key(section: str, options: dict | None) -> str:
+  """A comparison's name in `results['baseline']['sections']`: the section, and its options when it had some (so
+  that e.g. pretrain over MiniLM and pretrain over bert-base, taken in two runs, are both kept)."""
+  return f"{section} {json.dumps(options, sort_keys=True)}" if options else section
+
+
 def _with_baseline(args, chosen, out, store, results, command) -> int:
   """Each section `--baseline_rounds` times from this tree and from `--baseline_rev`, alternately."""
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the temporary worktree is removed
@@ -110,7 +116,8 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
     comparison["sha"] = sha
     stored = results.get("baseline", {})
     if stored.get("sha") == sha:  # an earlier --only run against the same revision: keep its other sections
-      comparison["sections"] = {k: v for k, v in stored.get("sections", {}).items() if k not in chosen}
+      comparison["sections"] = {k: v for k, v in stored.get("sections", {}).items()
+                                if k not in [_comparison_key(n, args.options.get(n)) for n in chosen]}
     for name in chosen:
       runs = {"ours": [], "baseline": []}
       for r in range(args.baseline_rounds):
@@ -127,14 +134,15 @@ def _with_baseline(args, chosen, out, store, results, command) -> int:
           runs[who].append(result)
           print(f"[bench] {name} round {r + 1} {who}: {'error' if 'error' in result else 'ok'}", flush=True)
       results[name] = dict(runs["ours"][-1], measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
-      comparison["sections"][name] = baseline_lib.compare(runs["ours"], runs["baseline"], name)
-      comparison["sections"][name].update(raw=runs, options=args.options.get(name, {}),
-                                          measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
+      key = _comparison_key(name, args.options.get(name))
+      comparison["sections"][key] = baseline_lib.compare(runs["ours"], runs["baseline"], name)
+      comparison["sections"][key].update(raw=runs, section=name, options=args.options.get(name, {}),
+                                         measured_at=datetime.datetime.now().isoformat(timespec="minutes"))
   results["baseline"] = comparison
   store.parent.mkdir(parents=True, exist_ok=True)
   store.write_text(json.dumps(results, indent=1, default=float))
-  out.write_text(report.render(results, command + f" --only {','.join(comparison['sections'])} "
-                                         f"--baseline_rev {args.baseline_rev}"))
+  sections = dict.fromkeys(c.get("section", k) for k, c in comparison["sections"].items())
+  out.write_text(report.render(results, command + f" --only {','.join(sections)} --baseline_rev {args.baseline_rev}"))
   for name, c in comparison["sections"].items():
     for figure, f in c["figures"].items():
       print(f"[bench] {name}: {figure}: baseline {f['baseline_median']:.4g}, ours {f['ours_median']:.4g}, "

@@ -96,7 +96,7 @@ def lines(b: dict, fmt) -> list[str]:
          f"--baseline_rounds N [--options ...]`; N and the options per section below). Change: > 1 means this tree "
          f"is better; a figure falling by more than 5% shows < 0.95.", ""]
   for section, c in b["sections"].items():
-    options = f", options `{json.dumps(c['options'])}`" if c.get("options") else ""
+    options = f", `--options` `{json.dumps({c.get('section', section): c['options']})}`" if c.get("options") else ""
     out += [f"### {section}", "", f"{c['rounds']} rounds of each tree{options}"
             + (f", measured {c['measured_at']}" if c.get("measured_at") else "") + ".", ""]
     if c["errors"]:

@@ -391,11 +391,16 @@ def test_baseline_run_passes_options_to_both_trees_and_keeps_other_sections(tmp_
                           "--options", '{"pretrain": {"shapes": ["minilm"]}}']) == 0
   assert [(c[1] == tree, c[2]) for c in calls] == [(False, {"shapes": ["minilm"]}), (True, {"shapes": ["minilm"]})] * 2
   assert bench_main.main(["--only", "mote", "--baseline_rev", "abc", "--baseline_rounds", "1", "--out", str(out)]) == 0
+  assert bench_main.main(["--only", "pretrain", "--baseline_rev", "abc", "--baseline_rounds", "1", "--out", str(out),
+                          "--options", '{"pretrain": {"shapes": ["bert-base"]}}']) == 0
   stored = json.loads(out.with_name("results.json").read_text())["baseline"]
-  assert list(stored["sections"]) == ["pretrain", "mote"]
-  assert stored["sections"]["pretrain"]["rounds"] == 2 and stored["sections"]["mote"]["rounds"] == 1
+  minilm, bert = 'pretrain {"shapes": ["minilm"]}', 'pretrain {"shapes": ["bert-base"]}'
+  assert list(stored["sections"]) == [minilm, "mote", bert]
+  assert [stored["sections"][k]["rounds"] for k in (minilm, "mote", bert)] == [2, 1, 1]
+  assert stored["sections"][bert]["section"] == "pretrain"
   text = out.read_text()
-  assert '2 rounds of each tree, options `{"shapes": ["minilm"]}`' in text and "1 rounds of each tree" in text
+  assert '2 rounds of each tree, `--options` `{"pretrain": {"shapes": ["minilm"]}}`' in text
+  assert "1 rounds of each tree" in text
   with pytest.raises(SystemExit):
     bench_main.main(["--only", "mote", "--options", '{"motte": {}}', "--out", str(out)])
 
