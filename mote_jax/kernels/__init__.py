@@ -72,7 +72,7 @@ class KernelConfig:
 
 
 # The tuned XLA:CPU set; what it keeps is decided by an in-process A/B (`python -m benchmarks --only kernel_ab`).
-# `dense='cpu_gemm'` is not in it: no gain on either training step (benchmarks/analysis.md); it stays selectable.
+# `dense='cpu_gemm'` is left out (the A/B shows no gain for it on either training step); it stays selectable.
 CPU = KernelConfig(dense="xla", dropout="hashed", attention="einsum", grad_clip="optax")
 # Plain XLA everywhere, the reference set (what the accelerators use, bar the fused attention).
 XLA = KernelConfig()
